@@ -1,0 +1,321 @@
+"""Typed experiment configuration: the only home of defaults.
+
+Precedence: dataclass defaults < ``configs/*.yaml`` < dotted CLI overrides (``--set optim.blr=1.5e-4``).
+Loading is strict (nanoGPT ``configurator.py``): unknown keys and values of the wrong type raise
+:class:`ConfigError` naming the key. Derived values (world size, effective batch, scaled lr) are computed
+once by :func:`resolve` and saved next to the config; nothing mutates a config after loading.
+
+Hyper-parameter defaults follow the released FastMIM ViT-B recipe (arXiv 2212.06593, ggjy/FastMIM.pytorch
+README) for pre-training and the FastMIM/MAE ViT-B fine-tuning recipe for fine-tuning.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin
+
+import yaml
+
+__all__ = [
+    "ConfigError", "DataCfg", "MaskCfg", "MIMModelCfg", "OptimCfg", "TrainCfg", "PretrainCfg",
+    "ClassifierCfg", "AugCfg", "FinetuneCfg", "Resolved", "load_config", "resolve", "to_dict", "dump_yaml",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line that names the key and the fix."""
+
+
+@dataclass
+class DataCfg:
+    train: str = "data/imagenet/train.beton"
+    val: str = "data/imagenet/val.beton"
+    img_size: int = 128  # px; FastMIM pre-trains at 128, fine-tuning at 224
+    rrc_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range (MAE/FastMIM pre-training)
+    rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = True
+    val_crop_ratio: float = 224 / 256  # centre crop side / shorter image side at evaluation
+    num_workers: int = 8  # FFCV decoding threads per rank
+    os_cache: bool = True  # page-cache the .beton, shared by the ranks of a node (FFCV docs)
+    batches_ahead: int = 3
+
+
+@dataclass
+class MaskCfg:
+    ratio: float = 0.75  # fraction of mask blocks replaced by the learned colour
+    block_size: int = 16  # px side of one mask block; multiple of the encoder's output stride
+
+
+@dataclass
+class MIMModelCfg:
+    encoder: str = "vit_base_patch16_224"  # any timm backbone with an adapter (fastmim_ds.models.adapters)
+    encoder_kwargs: dict = field(default_factory=dict)  # passed to timm.create_model (embed_dim, depth, ...)
+    decoder_dim: int = 256
+    decoder_depth: int = 1  # 1 for ViT-B, 4 for Swin-B (FastMIM README)
+    decoder_heads: int = 0  # 0: decoder_dim // 32, as FastMIM
+    target: str = "hog"  # "hog" (FastMIM) or "pixel"
+    norm_pix_loss: bool = True  # HOG: L2-normalise each cell histogram; pixel: per-patch mean/std
+    hog_bins: int = 9  # unsigned orientation bins of 20 degrees
+    hog_cell: int = 8  # px side of a HOG cell
+    drop_path: float = 0.0
+
+
+@dataclass
+class OptimCfg:
+    blr: float = 1.5e-4  # base lr; lr = blr * effective_batch / 256 (MAE/FastMIM scaling rule)
+    min_lr: float = 0.0  # absolute lr at the end of the cosine
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_epochs: float = 20.0
+    layer_decay: float = 1.0  # 1.0 = off; fine-tuning ViT-B uses 0.7 (lr scale 0.7^(L - layer))
+    clip_grad: float = 0.0  # written into the DeepSpeed config; 0 = off (MAE/FastMIM use none)
+
+
+@dataclass
+class TrainCfg:
+    epochs: int = 800
+    micro_batch: int = 512  # images per rank per forward/backward
+    grad_accum: int = 1
+    seed: int = 0
+    output_dir: str = "output"
+    run_name: str = ""  # empty: "<timestamp>-<method>-<model>-<img_size>"
+    ds_config: str = "ds_configs/zero2_bf16.json"  # engine knobs only; batch fields are filled in from here
+    log_every: int = 20  # optimizer steps between metrics.jsonl rows
+    ckpt_every: int = 10  # epochs between checkpoints (the last epoch is always saved)
+    keep_last: int = 2  # checkpoints kept on disk (older tags are deleted)
+    eval_every: int = 1  # epochs between evaluations (fine-tuning)
+    max_steps_per_epoch: int = 0  # >0 caps an epoch's optimizer steps (smoke tests, quick budgets)
+
+
+@dataclass
+class PretrainCfg:
+    method: str = "fastmim"
+    model: MIMModelCfg = field(default_factory=MIMModelCfg)
+    mask: MaskCfg = field(default_factory=MaskCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+
+
+@dataclass
+class ClassifierCfg:
+    name: str = ""  # timm model name; empty: the pre-trained encoder's (read from the checkpoint)
+    kwargs: dict = field(default_factory=dict)  # empty with name empty: the pre-trained encoder's kwargs
+    pretrained: str = ""  # run dir, DeepSpeed checkpoint dir or .pth/.safetensors; empty: from scratch
+    num_classes: int = 0  # 0: read from the dataset's classes.json
+    drop_path: float = 0.1
+    global_pool: str = "avg"  # mean of patch tokens, then fc_norm (FastMIM/MAE fine-tuning)
+
+
+@dataclass
+class AugCfg:
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    switch_prob: float = 0.5
+    smoothing: float = 0.1
+    reprob: float = 0.25  # RandomErasing probability (pixel mode)
+
+
+@dataclass
+class FinetuneCfg:
+    model: ClassifierCfg = field(default_factory=ClassifierCfg)
+    aug: AugCfg = field(default_factory=AugCfg)
+    data: DataCfg = field(default_factory=lambda: DataCfg(img_size=224, rrc_scale=(0.08, 1.0)))
+    optim: OptimCfg = field(
+        default_factory=lambda: OptimCfg(blr=6e-4, min_lr=1e-6, betas=(0.9, 0.999), warmup_epochs=5, layer_decay=0.7)
+    )
+    train: TrainCfg = field(default_factory=lambda: TrainCfg(epochs=100, micro_batch=128, ckpt_every=10))
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks ``value`` against the annotation ``tp``; returns it converted (int->float, list->tuple)."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if origin is tuple or tp is tuple:
+        args = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)} ({value!r})")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") if args else v for i, v in enumerate(value))
+    if origin is list or tp is list:
+        args = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") if args else v for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    raise ConfigError(f"{key}: unsupported annotation {tp}")
+
+
+def _merge(obj: Any, updates: dict, prefix: str = "") -> Any:
+    """Returns a copy of dataclass ``obj`` with ``updates`` applied; unknown keys raise."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {updates!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    changes = {}
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown key '{full}' (valid keys here: {', '.join(names)})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            changes[key] = _merge(current, value, f"{full}.")
+        else:
+            changes[key] = _coerce(value, hints[key], full)
+    return dataclasses.replace(obj, **changes)
+
+
+def _parse_override(item: str) -> dict:
+    """``"optim.blr=1e-4"`` -> ``{"optim": {"blr": 1e-4}}`` (the value is parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form section.key=value")
+    dotted, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    nested: dict = {}
+    node = nested
+    parts = dotted.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def _deep_update(base: dict, new: dict) -> dict:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None):
+    """Builds a ``cls`` config from defaults, an optional YAML file and dotted overrides.
+
+    Args:
+        cls: :class:`PretrainCfg` or :class:`FinetuneCfg`.
+        path: YAML file holding only what differs from the defaults (``None``: defaults only).
+        overrides: ``["optim.blr=1.5e-4", "train.epochs=10"]``; values are parsed as YAML.
+
+    Raises:
+        ConfigError: unknown key, wrong type, unreadable file.
+    """
+    updates: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping")
+        updates = loaded
+    for item in overrides or []:
+        _deep_update(updates, _parse_override(item))
+    return _merge(cls(), updates)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (tuples as lists) for YAML/JSON/checkpoints."""
+
+    def conv(v):
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, list):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(dataclasses.asdict(cfg))
+
+
+def dump_yaml(cfg: Any, derived: "Resolved | None" = None) -> str:
+    data = to_dict(cfg)
+    if derived is not None:
+        data["derived"] = dataclasses.asdict(derived)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------- derived
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Values derived once from a config and the world size; logged and saved with the run."""
+
+    world_size: int
+    eff_batch: int  # images per optimizer step = micro_batch * grad_accum * world_size
+    lr: float  # peak lr = blr * eff_batch / 256
+    min_lr: float
+
+
+def resolve(optim: OptimCfg, train: TrainCfg, world_size: int) -> Resolved:
+    """Computes the batch arithmetic and lr scaling rule (MAE ``main_pretrain.py``).
+
+    Raises:
+        ConfigError: non-positive batch sizes or world size.
+    """
+    if world_size < 1:
+        raise ConfigError(f"world size must be >= 1, got {world_size}")
+    if train.micro_batch < 1:
+        raise ConfigError(f"train.micro_batch must be >= 1, got {train.micro_batch}")
+    if train.grad_accum < 1:
+        raise ConfigError(f"train.grad_accum must be >= 1, got {train.grad_accum}")
+    eff = train.micro_batch * train.grad_accum * world_size
+    lr = optim.blr * eff / 256
+    if not math.isfinite(lr) or lr <= 0:
+        raise ConfigError(f"optim.blr must be > 0, got {optim.blr}")
+    return Resolved(world_size=world_size, eff_batch=eff, lr=lr, min_lr=optim.min_lr)

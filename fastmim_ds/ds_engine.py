@@ -1,0 +1,62 @@
+"""DeepSpeed engine creation: engine knobs from ``ds_configs/*.json``, batch fields from the experiment config."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .config import ConfigError, TrainCfg
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BATCH_KEYS", "load_ds_config", "build_ds_config", "create_engine"]
+
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def load_ds_config(path: str) -> dict:
+    """Reads a ``ds_configs`` JSON file.
+
+    Raises:
+        ConfigError: file missing, invalid JSON, batch keys or an optimizer/scheduler section inside (those come
+            from the experiment config), or fp16 (use bf16: no loss scaling, same range as fp32).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"train.ds_config: file not found: {p} (choices: {', '.join(sorted(map(str, Path('ds_configs').glob('*.json'))))})")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"train.ds_config: {p} is not valid JSON ({e})") from None
+    bad = [k for k in (*BATCH_KEYS, "optimizer", "scheduler", "gradient_clipping") if k in cfg]
+    if bad:
+        raise ConfigError(
+            f"train.ds_config: {p} sets {', '.join(bad)}; remove them: batch sizes come from train.micro_batch/"
+            "train.grad_accum, the optimizer and lr schedule from optim.*, clipping from optim.clip_grad"
+        )
+    if cfg.get("fp16", {}).get("enabled"):
+        raise ConfigError(f"train.ds_config: {p} enables fp16; use a bf16 config (ds_configs/zero2_bf16.json)")
+    return cfg
+
+
+def build_ds_config(train: TrainCfg, *, clip_grad: float, world_size: int) -> dict:
+    """The engine config passed to ``deepspeed.initialize`` (batch triple consistent by construction)."""
+    cfg = load_ds_config(train.ds_config)
+    cfg.update(
+        train_micro_batch_size_per_gpu=train.micro_batch,
+        gradient_accumulation_steps=train.grad_accum,
+        train_batch_size=train.micro_batch * train.grad_accum * world_size,
+        gradient_clipping=clip_grad,  # explicit: DeepSpeed >= 0.19.3 defaults it to 1.0
+    )
+    return cfg
+
+
+def create_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):
+    """``deepspeed.initialize`` with a client optimizer; returns the engine (its ``module`` is ``model``)."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine

@@ -1,0 +1,56 @@
+"""Model registry: MIM methods by name, encoders from timm through per-family adapters."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..config import MaskCfg, MIMModelCfg
+from ..targets import build_target
+from .adapters import ADAPTERS, adapter_for
+from .mim import FastMIM, TokenDecoder
+
+__all__ = ["METHODS", "create_mim_model", "adapter_for", "ADAPTERS", "FastMIM", "TokenDecoder"]
+
+
+def _init_encoder(encoder: nn.Module) -> None:
+    from .mim import _init_xavier
+
+    # FastMIM/MAE re-initialise every encoder Linear with xavier_uniform (METHODS.md 1.3, 1.4)
+    encoder.apply(_init_xavier)
+    pe = getattr(getattr(encoder, "patch_embed", None), "proj", None)
+    if isinstance(pe, nn.Conv2d):  # MAE: xavier on the conv weight viewed as a Linear
+        nn.init.xavier_uniform_(pe.weight.view(pe.weight.shape[0], -1))
+    if getattr(encoder, "cls_token", None) is not None:  # FastMIM: normal(0.02); timm uses 1e-6
+        nn.init.normal_(encoder.cls_token, std=0.02)
+
+
+def build_fastmim(model: MIMModelCfg, mask: MaskCfg, img_size: int) -> FastMIM:
+    """FastMIM model from its config sections; validates ``img_size`` (ValueError with the reason)."""
+    adapter = adapter_for(model.encoder)
+    encoder = adapter.create(model.encoder, img_size=img_size, drop_path=model.drop_path, **model.encoder_kwargs)
+    _init_encoder(encoder)
+    target = build_target(
+        model.target, normalize=model.norm_pix_loss, hog_bins=model.hog_bins, hog_cell=model.hog_cell
+    )
+    mim = FastMIM(
+        encoder=encoder, adapter=adapter, target=target, mask_ratio=mask.ratio, block_size=mask.block_size,
+        decoder_dim=model.decoder_dim, decoder_depth=model.decoder_depth, decoder_heads=model.decoder_heads,
+    )
+    mim.check_img_size(img_size)
+    return mim
+
+
+# method name -> builder(model_cfg, mask_cfg, img_size); picked once, an unknown name lists the choices.
+METHODS = {
+    "fastmim": build_fastmim,
+}
+
+
+def create_mim_model(method: str, model: MIMModelCfg, mask: MaskCfg, img_size: int) -> nn.Module:
+    """Builds the pre-training model of ``method``.
+
+    Raises:
+        ValueError: unknown method or encoder, or an image size the model cannot take.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method '{method}' (choices: {', '.join(METHODS)})")
+    return METHODS[method](model, mask, img_size)

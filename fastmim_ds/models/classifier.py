@@ -1,0 +1,84 @@
+"""Fine-tuning classifiers: the timm model of the pre-trained encoder's family, loaded with its weights.
+
+Follows FastMIM/MAE ``main_finetune.py``: strip the MIM wrapper (decoder, mask token), resample position tables
+to the new grid, ``load_state_dict(strict=False)``, re-initialise the head with trunc_normal(std=2e-5).
+Unlike the reference, every key is accounted for: anything missing besides the head, or unexpected, is
+reported (and missing encoder weights are logged as "not pre-trained").
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from timm.layers import trunc_normal_
+
+from ..checkpoint import load_pretrained_encoder
+from ..config import ClassifierCfg
+from .adapters import adapter_for
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LoadReport", "create_classifier"]
+
+
+@dataclass
+class LoadReport:
+    """What a pre-trained load transferred: ``loaded`` keys, ``missing`` (left at init), ``unexpected`` (dropped)."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    pretrain_config: dict = field(default_factory=dict)
+
+
+def _head_keys(model: nn.Module) -> set[str]:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    names = {id(p) for p in head.parameters()} if head is not None else set()
+    return {n for n, p in model.named_parameters() if id(p) in names}
+
+
+def create_classifier(cfg: ClassifierCfg, *, num_classes: int, img_size: int) -> tuple[nn.Module, LoadReport]:
+    """Builds the classifier and loads ``cfg.pretrained`` into it (when set).
+
+    The architecture is ``cfg.name``/``cfg.kwargs`` or, when empty, the pre-trained encoder's (stored in its
+    checkpoint), so ``make finetune PRETRAINED=<run>`` needs no model name.
+
+    Raises:
+        ValueError: no model name anywhere, or pre-trained weights that do not fit the architecture.
+    """
+    report = LoadReport()
+    state = None
+    if cfg.pretrained:
+        state, report.pretrain_config = load_pretrained_encoder(cfg.pretrained)
+    pre_model = report.pretrain_config.get("model", {})
+    name = cfg.name or pre_model.get("encoder", "")
+    kwargs = dict(cfg.kwargs) if (cfg.kwargs or cfg.name) else dict(pre_model.get("encoder_kwargs", {}))
+    if not name:
+        raise ValueError("model.name is empty and the pre-trained checkpoint names no encoder")
+    adapter = adapter_for(name)
+    model = adapter.create_classifier(
+        name, img_size=img_size, num_classes=num_classes, drop_path=cfg.drop_path, global_pool=cfg.global_pool,
+        **kwargs,
+    )
+    head = _head_keys(model)
+    if state is not None:
+        state = adapter.adapt_state_dict(state, model)
+        result = model.load_state_dict(state, strict=False)
+        report.missing = [k for k in result.missing_keys if k not in head]
+        report.unexpected = list(result.unexpected_keys)
+        report.loaded = [k for k in state if k not in result.unexpected_keys]
+        shape_err = [k for k in report.loaded if k in model.state_dict() and model.state_dict()[k].shape != state[k].shape]
+        if shape_err:
+            raise ValueError(f"pre-trained weights do not fit {name}: {shape_err[:3]}")
+        logger.info("loaded %d pre-trained tensors from %s into %s", len(report.loaded), cfg.pretrained, name)
+        if report.missing:
+            logger.warning("not pre-trained (random init): %s", ", ".join(report.missing))
+        if report.unexpected:
+            logger.warning("pre-trained weights not used: %s", ", ".join(report.unexpected))
+    head_mod = model.get_classifier()
+    if isinstance(head_mod, nn.Linear):
+        trunc_normal_(head_mod.weight, std=2e-5)
+        nn.init.zeros_(head_mod.bias)
+    return model, report

@@ -1,0 +1,116 @@
+"""Process-level setup: distributed init, device, threads, seeds, rank-0 logging, run folders."""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import random
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Dist", "init_distributed", "setup_logging", "seed_everything", "git_sha", "make_run_dir"]
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> Dist:
+    """Initialises torch.distributed through DeepSpeed from the launcher's environment.
+
+    Works under ``deepspeed``, ``torchrun`` and ``srun`` (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR), and as a
+    plain single process (defaults to a 1-rank group on localhost). The backend is the accelerator's: nccl on
+    GPUs, gloo on CPUs (``DS_ACCELERATOR=cpu``).
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:  # plain `python -m fastmim_ds pretrain`: one rank
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    acc = get_accelerator()
+    if acc.device_name() != "cpu":
+        acc.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend=acc.communication_backend_name())
+    world = torch.distributed.get_world_size()
+    local_world = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
+    device = torch.device(acc.device_name(local_rank)) if acc.device_name() != "cpu" else torch.device("cpu")
+    if device.type == "cpu":  # share the node's cores between its ranks
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    return Dist(torch.distributed.get_rank(), local_rank, world, local_world, device)
+
+
+def setup_logging(rank: int, log_file: Path | None = None) -> None:
+    """Rank 0 logs INFO to stderr (and ``log_file``); other ranks log warnings and errors only."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    level = logging.INFO if rank == 0 else logging.WARNING
+    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(name)s: %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None and rank == 0:
+        handlers.append(logging.FileHandler(log_file))
+    for h in handlers:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    root.setLevel(level)
+    for noisy in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def make_run_dir(output_dir: str, run_name: str, default_name: str, *, resume: str | None) -> Path:
+    """``output_dir/run_name`` (or ``output_dir/<timestamp>-<default_name>``), identical on every rank.
+
+    With ``resume=auto`` and no ``run_name``, the newest run of the same ``default_name`` is continued.
+    The timestamp comes from rank 0 (broadcast), so all ranks agree.
+    """
+    root = Path(output_dir)
+    if run_name:
+        return root / run_name
+    if resume == "auto" and root.is_dir():
+        runs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.endswith(default_name))
+        if runs:
+            return runs[-1]
+    stamp = [datetime.datetime.now().strftime("%Y%m%d-%H%M%S")]
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(stamp, src=0)
+    return root / f"{stamp[0]}-{default_name}"

@@ -1,0 +1,313 @@
+"""fastmim_ds.config: precedence, strict typing, derived batch arithmetic, YAML round trip."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from fastmim_ds.config import (
+    ConfigError,
+    FinetuneCfg,
+    OptimCfg,
+    PretrainCfg,
+    Resolved,
+    TrainCfg,
+    dump_yaml,
+    load_config,
+    resolve,
+    to_dict,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _write(tmp_path, text: str, name: str = "cfg.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+# ------------------------------------------------------------------------------------------- precedence
+
+
+def test_defaults_only():
+    cfg = load_config(PretrainCfg)
+    assert cfg == PretrainCfg()
+    assert cfg.method == "fastmim"
+    assert cfg.data.img_size == 128
+    assert cfg.mask.ratio == 0.75 and cfg.mask.block_size == 16
+    assert cfg.optim.blr == 1.5e-4 and cfg.optim.betas == (0.9, 0.95)
+
+
+def test_precedence_defaults_yaml_overrides(tmp_path):
+    path = _write(
+        tmp_path,
+        "optim:\n  blr: 2.0e-4\n  weight_decay: 0.1\ntrain:\n  epochs: 5\n  micro_batch: 64\ndata:\n  img_size: 96\n",
+    )
+    cfg = load_config(PretrainCfg, path, ["train.epochs=7", "optim.weight_decay=0.2", "mask.ratio=0.6"])
+    # --set wins over the YAML file
+    assert cfg.train.epochs == 7
+    assert cfg.optim.weight_decay == 0.2
+    # YAML wins over the defaults where --set is silent
+    assert cfg.optim.blr == 2.0e-4
+    assert cfg.train.micro_batch == 64
+    assert cfg.data.img_size == 96
+    # --set alone overrides a default
+    assert cfg.mask.ratio == 0.6
+    # untouched keys keep their defaults, including siblings of overridden keys
+    d = PretrainCfg()
+    assert cfg.optim.betas == d.optim.betas
+    assert cfg.train.grad_accum == d.train.grad_accum
+    assert cfg.data.hflip == d.data.hflip
+    assert cfg.mask.block_size == d.mask.block_size
+    assert cfg.model == d.model
+
+
+def test_later_override_wins():
+    cfg = load_config(PretrainCfg, None, ["train.epochs=3", "train.epochs=9"])
+    assert cfg.train.epochs == 9
+
+
+def test_loading_does_not_mutate_defaults():
+    load_config(PretrainCfg, None, ["train.epochs=3", "model.encoder_kwargs={depth: 2}"])
+    assert PretrainCfg().train.epochs == 800
+    assert PretrainCfg().model.encoder_kwargs == {}
+
+
+def test_override_dict_value():
+    cfg = load_config(PretrainCfg, None, ["model.encoder_kwargs={embed_dim: 64, depth: 2, num_heads: 2}"])
+    assert cfg.model.encoder_kwargs == {"embed_dim": 64, "depth": 2, "num_heads": 2}
+
+
+def test_override_string_value():
+    cfg = load_config(PretrainCfg, None, ["train.run_name=my-run", "model.target=pixel"])
+    assert cfg.train.run_name == "my-run"
+    assert cfg.model.target == "pixel"
+
+
+def test_empty_yaml_file_gives_defaults(tmp_path):
+    assert load_config(PretrainCfg, _write(tmp_path, "")) == PretrainCfg()
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "override, dotted",
+    [
+        ("optim.blrr=1e-4", "optim.blrr"),
+        ("train.epoch=10", "train.epoch"),
+        ("nosuchsection.key=1", "nosuchsection"),
+        ("model.decoder_dims=128", "model.decoder_dims"),
+    ],
+)
+def test_unknown_override_key_names_full_dotted_key(override, dotted):
+    with pytest.raises(ConfigError) as ei:
+        load_config(PretrainCfg, None, [override])
+    assert f"'{dotted}'" in str(ei.value)
+
+
+def test_unknown_yaml_key_names_full_dotted_key(tmp_path):
+    path = _write(tmp_path, "data:\n  img_sise: 64\n")
+    with pytest.raises(ConfigError, match=r"data\.img_sise"):
+        load_config(PretrainCfg, path)
+
+
+def test_finetune_cfg_rejects_pretrain_only_key():
+    with pytest.raises(ConfigError, match=r"'mask'"):
+        load_config(FinetuneCfg, None, ["mask.ratio=0.5"])
+
+
+def test_config_error_is_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.epochs=ten", "train.epochs"),
+        ("train.epochs=1.5", "train.epochs"),
+        ("train.epochs=true", "train.epochs"),  # bool is not an int here
+        ("data.hflip=3", "data.hflip"),
+        ("data.hflip=yes_please", "data.hflip"),
+        ("optim.blr=abc", "optim.blr"),
+        ("optim.blr=true", "optim.blr"),
+        ("train.output_dir=3", "train.output_dir"),
+        ("model.encoder_kwargs=[1, 2]", "model.encoder_kwargs"),
+        ("optim.betas=0.9", "optim.betas"),
+        ("optim.betas=[0.9, x]", "optim.betas[1]"),
+        ("train={epochs: 3, bad: 1}", "train.bad"),
+        ("optim=3", "optim"),
+    ],
+)
+def test_wrong_type_raises_naming_key(override, key):
+    with pytest.raises(ConfigError) as ei:
+        load_config(PretrainCfg, None, [override])
+    assert key in str(ei.value)
+
+
+def test_wrong_type_in_yaml_raises(tmp_path):
+    path = _write(tmp_path, "train:\n  epochs: ten\n")
+    with pytest.raises(ConfigError, match=r"train\.epochs"):
+        load_config(PretrainCfg, path)
+
+
+def test_tuple_length_checked():
+    with pytest.raises(ConfigError, match=r"optim\.betas.*expected 2 values"):
+        load_config(PretrainCfg, None, ["optim.betas=[0.9, 0.95, 0.99]"])
+    with pytest.raises(ConfigError, match=r"optim\.betas"):
+        load_config(PretrainCfg, None, ["optim.betas=[0.9]"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(PretrainCfg, tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError):
+        load_config(PretrainCfg, _write(tmp_path, "train: [unclosed\n", "bad.yaml"))
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(PretrainCfg, _write(tmp_path, "- 1\n- 2\n", "list.yaml"))
+
+
+def test_override_without_equals_raises():
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config(PretrainCfg, None, ["train.epochs"])
+
+
+# ------------------------------------------------------------------------------------------- coercion
+
+
+def test_int_to_float_coercion():
+    cfg = load_config(PretrainCfg, None, ["optim.blr=1", "optim.warmup_epochs=5", "optim.weight_decay=0"])
+    for v, expected in ((cfg.optim.blr, 1.0), (cfg.optim.warmup_epochs, 5.0), (cfg.optim.weight_decay, 0.0)):
+        assert type(v) is float
+        assert v == expected
+
+
+def test_yaml_exponent_string_becomes_float(tmp_path):
+    # PyYAML (YAML 1.1) reads "1e-4" without a dot as a *string*
+    assert yaml.safe_load("blr: 1e-4")["blr"] == "1e-4"
+    cfg = load_config(PretrainCfg, _write(tmp_path, "optim:\n  blr: 1e-4\n  min_lr: 1e-6\n"))
+    assert type(cfg.optim.blr) is float and cfg.optim.blr == pytest.approx(1e-4, rel=0, abs=0)
+    assert type(cfg.optim.min_lr) is float and cfg.optim.min_lr == 1e-6
+    cfg = load_config(PretrainCfg, None, ["optim.blr=3e-4"])
+    assert type(cfg.optim.blr) is float and cfg.optim.blr == 3e-4
+
+
+def test_list_to_tuple_coercion_with_int_elements():
+    cfg = load_config(PretrainCfg, None, ["optim.betas=[1, 0.99]", "data.rrc_scale=[0, 1]"])
+    assert cfg.optim.betas == (1.0, 0.99)
+    assert isinstance(cfg.optim.betas, tuple)
+    assert all(type(b) is float for b in cfg.optim.betas)
+    assert cfg.data.rrc_scale == (0.0, 1.0) and isinstance(cfg.data.rrc_scale, tuple)
+
+
+# ------------------------------------------------------------------------------------------- resolve
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 8, 16])
+@pytest.mark.parametrize("micro, accum", [(64, 1), (32, 4)])
+def test_resolve_batch_arithmetic(world_size, micro, accum):
+    cfg = load_config(
+        PretrainCfg, None, [f"train.micro_batch={micro}", f"train.grad_accum={accum}", "optim.blr=1.5e-4",
+                            "optim.min_lr=1e-6"],
+    )
+    r = resolve(cfg.optim, cfg.train, world_size)
+    assert isinstance(r, Resolved)
+    assert r.world_size == world_size
+    assert r.eff_batch == micro * accum * world_size
+    assert r.lr == pytest.approx(1.5e-4 * micro * accum * world_size / 256, rel=1e-12)
+    assert r.min_lr == 1e-6
+
+
+def test_resolve_known_values():
+    # FastMIM ViT-B recipe: 512 per GPU x 8 GPUs = 4096, lr = 1.5e-4 * 16 = 2.4e-3
+    r = resolve(OptimCfg(), TrainCfg(), 8)
+    assert r.eff_batch == 4096
+    assert r.lr == pytest.approx(2.4e-3)
+
+
+def test_resolve_is_frozen():
+    r = resolve(OptimCfg(), TrainCfg(), 1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "optim, train, world, match",
+    [
+        (OptimCfg(), TrainCfg(micro_batch=0), 1, "micro_batch"),
+        (OptimCfg(), TrainCfg(micro_batch=-4), 1, "micro_batch"),
+        (OptimCfg(), TrainCfg(grad_accum=0), 1, "grad_accum"),
+        (OptimCfg(), TrainCfg(), 0, "world size"),
+        (OptimCfg(blr=0.0), TrainCfg(), 1, "blr"),
+        (OptimCfg(blr=float("nan")), TrainCfg(), 1, "blr"),
+    ],
+)
+def test_resolve_rejects_bad_values(optim, train, world, match):
+    with pytest.raises(ConfigError, match=match):
+        resolve(optim, train, world)
+
+
+# ------------------------------------------------------------------------------------------- finetune
+
+
+def test_finetune_defaults_differ_from_pretrain():
+    ft, pt = load_config(FinetuneCfg), load_config(PretrainCfg)
+    assert ft.data.img_size == 224 and pt.data.img_size == 128
+    assert ft.optim.layer_decay == 0.7 and pt.optim.layer_decay == 1.0
+    assert ft.optim.betas == (0.9, 0.999) and pt.optim.betas == (0.9, 0.95)
+    assert ft.data.rrc_scale == (0.08, 1.0) and pt.data.rrc_scale == (0.2, 1.0)
+    assert ft.optim.blr == 6e-4 and ft.optim.min_lr == 1e-6 and ft.optim.warmup_epochs == 5
+    assert ft.train.epochs == 100 and ft.train.micro_batch == 128
+    assert not hasattr(ft, "mask")
+    # overriding a FinetuneCfg starts from *its* defaults, not from the dataclass field defaults
+    ft2 = load_config(FinetuneCfg, None, ["optim.blr=1e-3"])
+    assert ft2.optim.layer_decay == 0.7 and ft2.optim.betas == (0.9, 0.999) and ft2.optim.blr == 1e-3
+
+
+# ------------------------------------------------------------------------------------------- round trip
+
+
+def _nondefault_pretrain():
+    return load_config(
+        PretrainCfg,
+        None,
+        [
+            "model.encoder_kwargs={embed_dim: 64, depth: 2, num_heads: 2}",
+            "data.img_size=64",
+            "optim.betas=[0.8, 0.9]",
+            "optim.blr=1e-4",
+            "train.run_name=rt",
+            "data.hflip=false",
+            "mask.ratio=0.6",
+        ],
+    )
+
+
+@pytest.mark.parametrize("make", [_nondefault_pretrain, PretrainCfg, FinetuneCfg], ids=["pretrain", "default", "ft"])
+def test_dump_yaml_round_trip(tmp_path, make):
+    cfg = make()
+    cls = type(cfg)
+    text = dump_yaml(cfg)
+    data = yaml.safe_load(text)
+    assert data == to_dict(cfg)
+    path = _write(tmp_path, text)
+    back = load_config(cls, path)
+    assert back == cfg
+    assert isinstance(back.optim.betas, tuple)
+    assert isinstance(back.data.rrc_ratio, tuple)
+
+
+def test_dump_yaml_with_derived():
+    cfg = _nondefault_pretrain()
+    r = resolve(cfg.optim, cfg.train, 4)
+    data = yaml.safe_load(dump_yaml(cfg, r))
+    assert data["derived"] == {"world_size": 4, "eff_batch": r.eff_batch, "lr": r.lr, "min_lr": r.min_lr}
+    assert data["optim"]["betas"] == [0.8, 0.9]
+
+
+def test_to_dict_is_plain():
+    d = to_dict(_nondefault_pretrain())
+    assert d["optim"]["betas"] == [0.8, 0.9] and isinstance(d["optim"]["betas"], list)
+    assert d["model"]["encoder_kwargs"] == {"embed_dim": 64, "depth": 2, "num_heads": 2}

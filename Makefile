@@ -28,7 +28,7 @@ WRITE_MODE ?= jpg
 # `make demo` runs on a generated dataset unless DATA points at an ImageFolder (train/ and val/ inside).
 DATA       ?=
 
-LAUNCH = deepspeed $(if $(HOSTFILE),--hostfile $(HOSTFILE),--num_gpus $(NUM_GPUS)) --master_port $(MASTER_PORT) --module fastmim_ds
+LAUNCH = $(VENV)/bin/deepspeed $(if $(HOSTFILE),--hostfile $(HOSTFILE),--num_gpus $(NUM_GPUS)) --master_port $(MASTER_PORT) --module fastmim_ds
 OVERRIDES = $(foreach s,$(SET),--set $(s)) $(if $(OUTPUT_DIR),--set train.output_dir=$(OUTPUT_DIR))
 
 .PHONY: help install test test-gpu lint demo prepare-imagenet prepare-data pretrain finetune clean

@@ -1,0 +1,82 @@
+"""Dataset conversion and FFCV loaders on real JPEGs (imagenette subset) and on bad files."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastmim_ds.data.convert import convert_image_folder
+from fastmim_ds.data.loaders import IMAGENET_MEAN, IMAGENET_STD, build_train_loader, build_val_loader
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_convert_writes_betons_and_class_counts(small_beton):
+    meta = json.loads((small_beton / "classes.json").read_text())
+    assert len(meta["classes"]) == 10 and meta["classes"] == sorted(meta["classes"])
+    assert meta["splits"]["train"]["images"] == 240 and meta["splits"]["val"]["images"] == 80
+    assert set(meta["splits"]["train"]["per_class"].values()) == {24}
+    assert not list(small_beton.glob("*.partial"))
+
+
+def test_convert_skips_bad_files_and_reports_them(imagenette_subset, tmp_path):
+    src = tmp_path / "src"
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            d = src / split / cls
+            d.mkdir(parents=True)
+            for i, f in enumerate(sorted((imagenette_subset / split / "n01440764").iterdir())[:3]):
+                (d / f"{i}.JPEG").symlink_to(f.resolve())
+    (src / "train" / "a" / "empty.JPEG").write_bytes(b"")
+    (src / "train" / "b" / "truncated.JPEG").write_bytes((src / "train" / "a" / "0.JPEG").read_bytes()[:200])
+    Image.fromarray(np.full((40, 30), 128, np.uint8), "L").save(src / "train" / "b" / "grey.JPEG")
+    Image.new("CMYK", (30, 20), (0, 50, 100, 0)).save(src / "train" / "b" / "cmyk.JPEG")
+    Image.new("RGB", (30, 20), (5, 6, 7)).save(src / "train" / "a" / "png_named.JPEG", format="PNG")
+    out = tmp_path / "out"
+    reports = convert_image_folder(src, out, max_res=64, num_workers=2, progress=False)
+    train = reports[0]
+    assert train.written == 3 + 3 + 3  # 6 real + grey + cmyk + png-with-.JPEG-name
+    assert sorted(p.rsplit("/", 1)[1] for p, _ in train.skipped) == ["empty.JPEG", "truncated.JPEG"]
+    tsv = (out / "train_skipped.tsv").read_text().splitlines()
+    assert len(tsv) == 2 and all("\t" in line for line in tsv)
+    assert json.loads((out / "classes.json").read_text())["splits"]["train"]["per_class"] == {"a": 4, "b": 5}
+
+
+def test_train_loader_batches(small_beton):
+    threads = torch.get_num_threads()
+    loader = build_train_loader(
+        str(small_beton / "train.beton"), img_size=48, batch_size=16, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
+        hflip=True, num_workers=1, seed=0, distributed=False, device=torch.device("cpu"),
+    )
+    assert len(loader) == 240 // 16
+    batches = [(x.clone(), y.clone()) for x, y in loader]
+    assert torch.get_num_threads() == threads  # FFCV's set_num_threads undone
+    x, y = batches[0]
+    assert x.shape == (16, 3, 48, 48) and x.dtype == torch.float32 and y.dtype == torch.int64
+    allx = torch.cat([b[0] for b in batches])
+    # normalised with ImageNet statistics: per-channel mean near 0, std near 1 on natural images
+    assert allx.mean().abs() < 0.5 and 0.6 < allx.std() < 1.5
+    lo = (0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    assert torch.all(allx.amin(dim=(0, 2, 3)) >= lo - 1e-4)
+    labels = torch.cat([b[1] for b in batches])
+    assert labels.min() >= 0 and labels.max() <= 9 and len(labels.unique()) == 10
+    # same seed and epoch -> same order; next epoch -> another order
+    loader.set_epoch(0)
+    again = torch.cat([y.clone() for _, y in loader])
+    assert torch.equal(again, labels)
+    loader.set_epoch(1)
+    assert not torch.equal(torch.cat([y.clone() for _, y in loader]), labels)
+
+
+def test_val_loader_shards_cover_every_image_once(small_beton):
+    shards = []
+    for rank in range(3):
+        loader = build_val_loader(str(small_beton / "val.beton"), img_size=32, batch_size=7, crop_ratio=224 / 256,
+                                  num_workers=1, rank=rank, world_size=3, device=torch.device("cpu"))
+        shards.append(torch.cat([y.clone() for _, y in loader]))
+    assert sum(len(s) for s in shards) == 80
+    counts = torch.bincount(torch.cat(shards), minlength=10)
+    assert counts.tolist() == [8] * 10

@@ -80,3 +80,24 @@ def test_val_loader_shards_cover_every_image_once(small_beton):
     assert sum(len(s) for s in shards) == 80
     counts = torch.bincount(torch.cat(shards), minlength=10)
     assert counts.tolist() == [8] * 10
+
+
+def test_second_loader_does_not_break_numba_finalizers(small_beton, monkeypatch):
+    """Regression: ffcv's OSCacheManager mutated numba's interned uint8[::1] type, so garbage-collecting a loader
+    built before another one raised ``KeyError`` in numba's dispatcher finalizer (printed as "Exception ignored")."""
+    import gc
+    import sys
+
+    raised = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: raised.append(u.exc_value))
+    cpu = torch.device("cpu")
+    first = build_train_loader(str(small_beton / "train.beton"), img_size=32, batch_size=8, scale=(0.2, 1.0),
+                               ratio=(3 / 4, 4 / 3), hflip=True, num_workers=1, seed=0, distributed=False, device=cpu)
+    for _ in first:
+        pass
+    second = build_val_loader(str(small_beton / "val.beton"), img_size=32, batch_size=8, crop_ratio=0.875,
+                              num_workers=1, rank=0, world_size=1, device=cpu)
+    del first
+    gc.collect()
+    assert raised == []
+    assert sum(len(y) for _, y in second) == 80

@@ -1,0 +1,1 @@
+"""Dataset conversion (ImageFolder -> .beton) and FFCV loaders."""

@@ -61,6 +61,7 @@ def train_one_epoch(
     epoch_t, epoch_imgs = time.time(), 0
     total_micro = updates_per_epoch * accum
     bar = progress(loader, total=total_micro, desc=f"epoch {epoch}", enabled=show_progress)
+    micro = -1  # stays -1 if the loader yields nothing
     for micro, (images, labels) in enumerate(bar):
         if micro >= total_micro:
             break
@@ -92,7 +93,7 @@ def train_one_epoch(
             if show_progress:
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.0f}")
             window_loss, window_n, window_imgs, window_t = loss_sum.item(), 0, 0, time.time()
-    seen = min(micro + 1, total_micro) if total_micro else 0
+    seen = min(micro + 1, total_micro)
     loss_total, n_total = all_reduce_sum([loss_sum.item(), float(seen)], device)
     elapsed = time.time() - epoch_t
     return {

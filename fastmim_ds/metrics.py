@@ -40,6 +40,6 @@ class MetricsWriter:
 
 
 def progress(iterable, *, total: int, desc: str, enabled: bool):
-    """tqdm bar on rank 0 (no bar elsewhere or when stderr is not a terminal and CI is set)."""
+    """tqdm bar with the given description, shown only where ``enabled`` (rank 0)."""
     return tqdm(iterable, total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False,
                 mininterval=2.0, unit="it")

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["save", "find_resume", "load", "read_client_state", "load_pretrained_encoder", "CKPT_SUBDIR"]
+__all__ = ["save", "find_resume", "load", "read_client_state", "resolve_tag_dir", "load_pretrained_encoder", "CKPT_SUBDIR"]
 
 CKPT_SUBDIR = "ckpt"
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -44,7 +44,7 @@ def find_resume(ckpt_dir: Path, resume: str | None) -> tuple[Path, str] | None:
     """Resolves ``--resume``: ``auto`` -> newest tag in ``ckpt_dir`` (or None), a tag folder path -> that tag.
 
     Raises:
-        FileNotFoundError: an explicit path that is not a checkpoint tag folder.
+        FileNotFoundError: an explicit path that is no run folder, ``<run>/ckpt`` or tag folder.
     """
     if not resume:
         return None
@@ -56,14 +56,8 @@ def find_resume(ckpt_dir: Path, resume: str | None) -> tuple[Path, str] | None:
                 return ckpt_dir, tag
             logger.warning("%s names %s, which is incomplete; starting from scratch", latest, tag)
         return None
-    p = Path(resume)
-    if (p / MODEL_STATES).is_file():
-        return p.parent, p.name
-    if (p / "latest").is_file():
-        return find_resume(p, "auto")
-    if (p / CKPT_SUBDIR / "latest").is_file():
-        return find_resume(p / CKPT_SUBDIR, "auto")
-    raise FileNotFoundError(f"--resume {resume}: not a checkpoint (expected <run>/ckpt/<tag>/{MODEL_STATES})")
+    tag_dir = resolve_tag_dir(Path(resume))
+    return tag_dir.parent, tag_dir.name
 
 
 def load(engine, ckpt_dir: Path, tag: str) -> dict:
@@ -81,11 +75,16 @@ def read_client_state(tag_dir: Path) -> dict:
     known = {"module", "buffer_names", "optimizer", "lr_scheduler", "param_shapes", "frozen_param_shapes",
              "frozen_param_fragments", "shared_params", "sparse_tensor_module_names", "skipped_steps",
              "global_steps", "global_samples", "dp_world_size", "mp_world_size", "ds_config", "ds_version",
-             "data_sampler", "random_ltd", "lr_scheduler"}
+             "data_sampler", "random_ltd"}
     return {k: v for k, v in state.items() if k not in known}
 
 
-def _resolve_tag_dir(path: Path) -> Path:
+def resolve_tag_dir(path: Path) -> Path:
+    """Tag folder of a run folder, ``<run>/ckpt`` (via ``latest``) or a tag folder itself.
+
+    Raises:
+        FileNotFoundError: none of these.
+    """
     if (path / MODEL_STATES).is_file():
         return path
     for ckpt_dir in (path, path / CKPT_SUBDIR):
@@ -120,7 +119,7 @@ def load_pretrained_encoder(path: str | Path, prefix: str = "encoder.") -> tuple
             state = obj.get("model", obj.get("module", obj)) if isinstance(obj, dict) else obj
             cfg = obj.get("config", {}) if isinstance(obj, dict) else {}
     else:
-        tag_dir = _resolve_tag_dir(path)
+        tag_dir = resolve_tag_dir(path)
         cfg = read_client_state(tag_dir).get("config", {})
         try:  # fp32 master weights, consolidated from the ZeRO shards
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

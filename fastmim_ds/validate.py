@@ -72,13 +72,13 @@ def check_finetune(cfg: FinetuneCfg, world_size: int, *, check_files: bool = Tru
     Raises:
         ConfigError: one line naming the key and the fix.
     """
-    from .checkpoint import _resolve_tag_dir
+    from .checkpoint import resolve_tag_dir
 
     if cfg.model.pretrained:
         p = Path(cfg.model.pretrained)
         if not p.is_file():
             try:
-                _resolve_tag_dir(p)
+                resolve_tag_dir(p)
             except FileNotFoundError as e:
                 raise ConfigError(f"model.pretrained: {e}") from None
     elif not cfg.model.name:

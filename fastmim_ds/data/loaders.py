@@ -73,8 +73,9 @@ class FFCVLoader:
     def __iter__(self):
         it = iter(self.loader)
         try:
-            for imgs, labels in it:
-                torch.set_num_threads(self.torch_threads)
+            for i, (imgs, labels) in enumerate(it):
+                if i == 0:  # the epoch's worker thread called Compiler.set_num_threads before its first batch
+                    torch.set_num_threads(self.torch_threads)
                 if self._normalize_on_device:
                     imgs = (imgs.float() - self._mean) / self._std
                 # FFCV reuses its output buffers (batches_ahead + 2 slots) once we move on: callers that keep a

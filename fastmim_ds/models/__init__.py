@@ -6,14 +6,12 @@ import torch.nn as nn
 from ..config import MaskCfg, MIMModelCfg
 from ..targets import build_target
 from .adapters import ADAPTERS, adapter_for
-from .mim import FastMIM, TokenDecoder
+from .mim import FastMIM, TokenDecoder, _init_xavier
 
 __all__ = ["METHODS", "create_mim_model", "adapter_for", "ADAPTERS", "FastMIM", "TokenDecoder"]
 
 
 def _init_encoder(encoder: nn.Module) -> None:
-    from .mim import _init_xavier
-
     # FastMIM/MAE re-initialise every encoder Linear with xavier_uniform (METHODS.md 1.3, 1.4)
     encoder.apply(_init_xavier)
     pe = getattr(getattr(encoder, "patch_embed", None), "proj", None)

@@ -1,71 +1,170 @@
-"""DeepSpeed checkpoints: save/resume, and reading a pre-trained encoder back as a plain fp32 state dict.
+"""DeepSpeed checkpoints: atomic save, exact resume, and reading a pre-trained encoder back as fp32 weights.
 
-Layout of a run: ``<run>/ckpt/<tag>/`` written by ``engine.save_checkpoint`` on every rank (model states, ZeRO
-optimizer shards), ``<run>/ckpt/latest`` naming the newest complete tag (DeepSpeed writes it after the tag's
-files), ``client_state`` = {epoch, step, config, git_sha} inside ``mp_rank_00_model_states.pt``.
+Layout of a run: ``<run>/ckpt/<tag>/`` with ``tag = step%08d`` (optimizer steps done), written by
+``engine.save_checkpoint`` on every rank (model states, ZeRO optimizer shards, ``client_state`` = progress,
+config, git sha in ``mp_rank_00_model_states.pt``) plus one ``rng_rank%03d.pt`` per rank (torch/CUDA/numpy/python
+RNG states, so masks and drop-path continue exactly). A tag is *complete* only when, after a barrier that every
+rank reached having written its files, rank 0 has written ``<tag>/complete``; ``<run>/ckpt/latest`` is replaced
+atomically after that. Resume takes the newest complete tag; a tag without the marker (a rank died while writing
+it, or the disk filled up) is ignored with a warning and deleted at the next successful save.
 """
 from __future__ import annotations
 
+import io
+import json
 import logging
+import os
+import random
 import re
 import shutil
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["save", "find_resume", "load", "read_client_state", "resolve_tag_dir", "load_pretrained_encoder", "CKPT_SUBDIR"]
+__all__ = [
+    "save", "find_resume", "load", "complete_tags", "read_client_state", "resolve_tag_dir", "load_pretrained_encoder",
+    "CKPT_SUBDIR", "COMPLETE",
+]
 
 CKPT_SUBDIR = "ckpt"
 MODEL_STATES = "mp_rank_00_model_states.pt"
+COMPLETE = "complete"  # marker file, written last by rank 0
 
 
-def _epoch_of(tag: str) -> int:
-    m = re.search(r"(\d+)$", tag)
+def _step_of(tag_dir: Path) -> int:
+    m = re.search(r"(\d+)$", tag_dir.name)
     return int(m.group(1)) if m else -1
 
 
-def save(engine, ckpt_dir: Path, *, tag: str, client_state: dict, keep_last: int) -> None:
-    """Saves on every rank (DeepSpeed requires all ranks), then rank 0 deletes tags beyond ``keep_last``."""
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+def _tags(ckpt_dir: Path) -> list[Path]:
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and _step_of(p) >= 0), key=_step_of)
+
+
+def complete_tags(ckpt_dir: Path) -> list[Path]:
+    """Complete tag folders of ``ckpt_dir``, oldest first."""
+    return [p for p in _tags(Path(ckpt_dir)) if (p / COMPLETE).is_file()]
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(engine, ckpt_dir: Path, *, tag: str, client_state: dict, keep_last: int) -> Path:
+    """Writes a complete checkpoint ``ckpt_dir/tag`` (all ranks must call); returns its folder.
+
+    Every rank writes its DeepSpeed files and RNG state, all ranks meet at a barrier, then rank 0 writes the
+    ``complete`` marker, replaces ``latest`` and deletes complete tags beyond the newest ``keep_last`` and any
+    incomplete tag older than this one.
+
+    Raises:
+        OSError: writing failed (e.g. disk full); the tag stays incomplete and is ignored on resume.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    tag_dir = ckpt_dir / tag
+    t0 = time.time()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    buf = _serialize(_rng_state())
+    _atomic_write(tag_dir / f"rng_rank{engine.global_rank:03d}.pt", buf)
     if dist.is_initialized():
         dist.barrier()
-    if engine.global_rank == 0 and keep_last > 0:
-        tags = sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("epoch")),
-                      key=lambda p: _epoch_of(p.name))
-        for old in tags[:-keep_last]:
+    if engine.global_rank == 0:
+        marker = {k: client_state.get(k) for k in ("epoch", "update", "global_step")}
+        marker["world_size"] = dist.get_world_size() if dist.is_initialized() else 1
+        _atomic_write(tag_dir / COMPLETE, json.dumps(marker).encode())
+        _atomic_write(ckpt_dir / "latest", tag.encode())
+        done = complete_tags(ckpt_dir)
+        stale = [p for p in _tags(ckpt_dir) if not (p / COMPLETE).is_file() and _step_of(p) < _step_of(tag_dir)]
+        for old in (done[:-keep_last] if keep_last > 0 else []) + stale:
             shutil.rmtree(old, ignore_errors=True)
-    logger.info("saved checkpoint %s/%s", ckpt_dir, tag)
+    if dist.is_initialized():
+        dist.barrier()
+    logger.info("saved checkpoint %s (%.1f s)", tag_dir, time.time() - t0)
+    return tag_dir
+
+
+def _serialize(obj) -> bytes:
+    f = io.BytesIO()
+    torch.save(obj, f)
+    return f.getvalue()
 
 
 def find_resume(ckpt_dir: Path, resume: str | None) -> tuple[Path, str] | None:
-    """Resolves ``--resume``: ``auto`` -> newest tag in ``ckpt_dir`` (or None), a tag folder path -> that tag.
+    """Resolves ``--resume``: ``auto`` -> the newest complete tag in ``ckpt_dir`` (or None); a path -> that tag.
+
+    Incomplete tags newer than the chosen one are reported (warning) and skipped.
 
     Raises:
         FileNotFoundError: an explicit path that is no run folder, ``<run>/ckpt`` or tag folder.
+        ValueError: an explicit tag folder that is incomplete.
     """
     if not resume:
         return None
     if resume == "auto":
-        latest = ckpt_dir / "latest"
-        if latest.is_file():
-            tag = latest.read_text().strip()
-            if (ckpt_dir / tag / MODEL_STATES).is_file():
-                return ckpt_dir, tag
-            logger.warning("%s names %s, which is incomplete; starting from scratch", latest, tag)
-        return None
+        ckpt_dir = Path(ckpt_dir)
+        done = complete_tags(ckpt_dir)
+        newest = _step_of(done[-1]) if done else -1
+        for p in _tags(ckpt_dir):
+            if not (p / COMPLETE).is_file() and _step_of(p) > newest:
+                logger.warning("ignoring partial checkpoint %s (no '%s' marker: a rank stopped while writing it)",
+                               p, COMPLETE)
+        if not done:
+            return None
+        return ckpt_dir, done[-1].name
     tag_dir = resolve_tag_dir(Path(resume))
+    if not (tag_dir / COMPLETE).is_file():
+        raise ValueError(f"{tag_dir} is an incomplete checkpoint (no '{COMPLETE}' marker); pick another tag")
     return tag_dir.parent, tag_dir.name
 
 
 def load(engine, ckpt_dir: Path, tag: str) -> dict:
-    """Loads model, optimizer and DeepSpeed state on every rank; returns the client state."""
+    """Loads model, optimizer and DeepSpeed state on every rank, restores this rank's RNG; returns the client state.
+
+    Raises:
+        FileNotFoundError: DeepSpeed could not load the tag.
+        ValueError: the checkpoint was written with another number of ranks (ZeRO shards do not re-partition;
+            convert it with DeepSpeed's universal checkpoint tools or resume on the same world size).
+    """
+    tag_dir = Path(ckpt_dir) / tag
+    marker = json.loads((tag_dir / COMPLETE).read_text()) if (tag_dir / COMPLETE).is_file() else {}
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if marker.get("world_size", world) != world:
+        raise ValueError(f"{tag_dir} was written by {marker['world_size']} ranks, this run has {world}")
     path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
-        raise FileNotFoundError(f"could not load checkpoint {ckpt_dir}/{tag}")
-    logger.info("resumed from %s (epoch %s)", path, client.get("epoch"))
+        raise FileNotFoundError(f"could not load checkpoint {tag_dir}")
+    rng = tag_dir / f"rng_rank{engine.global_rank:03d}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+    else:
+        logger.warning("%s missing: random streams (masks, drop-path) restart from the seed", rng.name)
+    logger.info("resumed from %s (epoch %s, step %s)", tag_dir, client.get("epoch"), client.get("global_step"))
     return client
 
 
@@ -80,18 +179,19 @@ def read_client_state(tag_dir: Path) -> dict:
 
 
 def resolve_tag_dir(path: Path) -> Path:
-    """Tag folder of a run folder, ``<run>/ckpt`` (via ``latest``) or a tag folder itself.
+    """Tag folder of a run folder or ``<run>/ckpt`` (its newest complete tag), or a tag folder itself.
 
     Raises:
         FileNotFoundError: none of these.
     """
+    path = Path(path)
     if (path / MODEL_STATES).is_file():
         return path
     for ckpt_dir in (path, path / CKPT_SUBDIR):
-        latest = ckpt_dir / "latest"
-        if latest.is_file():
-            return ckpt_dir / latest.read_text().strip()
-    raise FileNotFoundError(f"{path}: no checkpoint found (expected a run folder, <run>/ckpt or a tag folder)")
+        done = complete_tags(ckpt_dir)
+        if done:
+            return done[-1]
+    raise FileNotFoundError(f"{path}: no complete checkpoint found (expected a run folder, <run>/ckpt or a tag folder)")
 
 
 def load_pretrained_encoder(path: str | Path, prefix: str = "encoder.") -> tuple[dict[str, torch.Tensor], dict]:
@@ -125,7 +225,7 @@ def load_pretrained_encoder(path: str | Path, prefix: str = "encoder.") -> tuple
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-        except (ValueError, FileNotFoundError, KeyError, AssertionError) as e:  # ZeRO-0: weights are in the module
+        except (ValueError, FileNotFoundError, KeyError, AssertionError, TypeError) as e:  # ZeRO-0: in the module
             logger.info("no ZeRO shards in %s (%s); reading module weights", tag_dir, e)
             state = torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=False)["module"]
     has_prefix = any(k.startswith(prefix) for k in state)

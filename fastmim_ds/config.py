@@ -22,7 +22,8 @@ import yaml
 
 __all__ = [
     "ConfigError", "DataCfg", "MaskCfg", "MIMModelCfg", "OptimCfg", "TrainCfg", "PretrainCfg",
-    "ClassifierCfg", "AugCfg", "FinetuneCfg", "Resolved", "load_config", "resolve", "to_dict", "dump_yaml",
+    "Stage", "ClassifierCfg", "AugCfg", "FinetuneCfg", "Resolved", "load_config", "resolve", "to_dict", "dump_yaml",
+    "VisCfg", "LinprobeOptimCfg", "LinprobeCfg",
 ]
 
 
@@ -62,6 +63,7 @@ class MIMModelCfg:
     hog_bins: int = 9  # unsigned orientation bins of 20 degrees
     hog_cell: int = 8  # px side of a HOG cell
     drop_path: float = 0.0
+    encoder_blocks: int = 0  # >0: pre-train only the first k encoder blocks (FastMIM finding ii); 0 = all
 
 
 @dataclass
@@ -87,9 +89,25 @@ class TrainCfg:
     ds_config: str = "ds_configs/zero2_bf16.json"  # engine knobs only; batch fields are filled in from here
     log_every: int = 20  # optimizer steps between metrics.jsonl rows
     ckpt_every: int = 10  # epochs between checkpoints (the last epoch is always saved)
-    keep_last: int = 2  # checkpoints kept on disk (older tags are deleted)
+    ckpt_every_steps: int = 0  # >0: also checkpoint every N optimizer steps, mid-epoch (resume lands there)
+    keep_last: int = 2  # complete checkpoints kept on disk (older tags are deleted)
+    max_nonfinite: int = 10  # optimizer steps in a row skipped for a non-finite loss before the run stops
     eval_every: int = 1  # epochs between evaluations (fine-tuning)
     max_steps_per_epoch: int = 0  # >0 caps an epoch's optimizer steps (smoke tests, quick budgets)
+    # DeepSpeed monitors next to metrics.jsonl (<run>/tensorboard/, <run>/csv/): DeepSpeed's own lr events plus every
+    # numeric metrics.jsonl field as Train/<key>. TensorBoard needs `pip install tensorboard` (extra "monitor").
+    tensorboard: bool = False
+    csv_monitor: bool = False
+
+
+@dataclass
+class VisCfg:
+    """Reconstruction pictures written during pre-training (``<run>/vis/epochXXXX.png``, rank 0)."""
+
+    every: int = 0  # epochs between pictures; 0 = off
+    images: str = ""  # folder of images; empty: the first ``num_images`` of data.train (centre crops)
+    num_images: int = 4
+    seed: int = 0  # mask seed: the same blocks are masked in every picture of a run
 
 
 @dataclass
@@ -100,6 +118,32 @@ class PretrainCfg:
     data: DataCfg = field(default_factory=DataCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
+    # FastMIM-P: [[start_epoch, img_size, micro_batch, grad_accum], ...] from epoch 0 on; empty = one stage of
+    # (data.img_size, train.micro_batch, train.grad_accum). The model is built at data.img_size (the size that
+    # encoder_kwargs such as a Swin window refer to); each stage's lr follows its effective batch.
+    progressive: list[tuple[int, int, int, int]] = field(default_factory=list)
+    vis: VisCfg = field(default_factory=VisCfg)
+
+    def stages(self) -> list["Stage"]:
+        """The resolution stages in order (one when ``progressive`` is empty)."""
+        if not self.progressive:
+            return [Stage(0, self.data.img_size, self.train.micro_batch, self.train.grad_accum)]
+        return [Stage(*s) for s in self.progressive]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One FastMIM-P stage: from ``start_epoch`` on, train at ``img_size`` px with this batch arithmetic."""
+
+    start_epoch: int
+    img_size: int
+    micro_batch: int
+    grad_accum: int
+
+    @staticmethod
+    def at(stages: list["Stage"], epoch: int) -> "Stage":
+        """The stage that epoch ``epoch`` belongs to (``stages`` sorted, the first starting at 0)."""
+        return [s for s in stages if s.start_epoch <= epoch][-1]
 
 
 @dataclass
@@ -131,6 +175,30 @@ class FinetuneCfg:
         default_factory=lambda: OptimCfg(blr=6e-4, min_lr=1e-6, betas=(0.9, 0.999), warmup_epochs=5, layer_decay=0.7)
     )
     train: TrainCfg = field(default_factory=lambda: TrainCfg(epochs=100, micro_batch=128, ckpt_every=10))
+
+
+@dataclass
+class LinprobeOptimCfg:
+    """Linear-probe optimizer (MAE ``main_linprobe.py``: LARS, blr 0.1, no weight decay, 10 warmup epochs)."""
+
+    name: str = "lars"  # "lars" (timm Lars, MAE's trust-ratio rule) or "sgd"
+    blr: float = 0.1  # lr = blr * effective_batch / 256
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    warmup_epochs: float = 10.0
+    clip_grad: float = 0.0  # written into the DeepSpeed config; 0 = off
+
+
+@dataclass
+class LinprobeCfg:
+    """Linear probing of a frozen pre-trained encoder: BatchNorm (no affine) + linear head (MAE recipe)."""
+
+    model: ClassifierCfg = field(default_factory=lambda: ClassifierCfg(drop_path=0.0))
+    data: DataCfg = field(default_factory=lambda: DataCfg(img_size=224, rrc_scale=(0.08, 1.0)))
+    optim: LinprobeOptimCfg = field(default_factory=LinprobeOptimCfg)
+    # MAE: 90 epochs at an effective batch of 16384 (here per rank: micro_batch x grad_accum)
+    train: TrainCfg = field(default_factory=lambda: TrainCfg(epochs=90, micro_batch=512, ckpt_every=10))
 
 
 # ----------------------------------------------------------------------------------------------- loading

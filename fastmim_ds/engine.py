@@ -1,26 +1,63 @@
 """Training and evaluation loops (MAE ``engine_pretrain.py`` / ``engine_finetune.py``, on a DeepSpeed engine).
 
 The loop does not know which method it runs: ``step_fn(engine, images, labels)`` returns the model's output dict
-with a scalar ``loss``. Here live only the per-update lr, the non-finite-loss stop, throughput and metric
-reduction. DeepSpeed handles gradient accumulation, clipping, ZeRO partitioning and precision.
+with a scalar ``loss``. DeepSpeed handles gradient accumulation, clipping, ZeRO partitioning and precision; here
+live the fractional-epoch lr, skipped-step accounting, preemption, mid-epoch checkpoints and exact resume:
+
+* :class:`LoopState` (epoch, updates done in it, global step, skipped steps) is saved in every checkpoint; with
+  the loader's ``set_epoch(epoch, start_batch)`` and the per-rank RNG states restored by
+  :func:`~fastmim_ds.checkpoint.load`, a resumed run continues with the same batches, masks and lr.
+* A non-finite loss or gradient: DeepSpeed's ZeRO optimizer (stages 1-3, fp32 and bf16) detects the inf/NaN
+  gradient on every rank and skips the update (``engine.was_step_applied()``); we count skipped updates and stop
+  with :class:`TrainingDiverged` after ``max_nonfinite`` in a row. ZeRO stage 0 applies NaN gradients, so there
+  the first non-finite loss stops the run before its backward (weights stay clean).
+* ``stop_requested()`` is asked once per update (preemption: all ranks agree); the loop then returns early and
+  :func:`fit` checkpoints the exact position.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import save
+from .config import TrainCfg
 from .metrics import MetricsWriter, all_reduce_sum, progress
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["train_one_epoch", "evaluate"]
+__all__ = ["LoopState", "TrainingDiverged", "train_one_epoch", "fit", "evaluate"]
 
 StepFn = Callable[[object, torch.Tensor, torch.Tensor], dict]
+
+
+class TrainingDiverged(FloatingPointError):
+    """Too many optimizer steps in a row were skipped for a non-finite loss/gradient."""
+
+
+@dataclass
+class LoopState:
+    """Where a run is: saved in every checkpoint's client state, restored on resume."""
+
+    epoch: int = 0  # epoch in progress (or next to start)
+    update: int = 0  # optimizer steps done inside ``epoch``
+    global_step: int = 0  # optimizer steps done in the run (skipped ones included)
+    skipped_in_row: int = 0  # consecutive skipped steps (non-finite loss/gradient)
+    skipped_total: int = 0
+
+    def to_client(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_client(cls, client: dict) -> "LoopState":
+        return cls(**{f.name: client[f.name] for f in dataclasses.fields(cls) if f.name in client})
 
 
 def train_one_epoch(
@@ -28,80 +65,177 @@ def train_one_epoch(
     loader,
     step_fn: StepFn,
     *,
+    state: LoopState,
     scheduler,
-    epoch: int,
     updates_per_epoch: int,
     log_every: int,
     metrics: MetricsWriter,
     show_progress: bool,
+    max_nonfinite: int = 10,
+    stop_requested: Callable[[], bool] = lambda: False,
+    on_update: Callable[[LoopState], None] | None = None,
 ) -> dict:
-    """Runs ``updates_per_epoch`` optimizer steps (each ``grad_accum`` micro-batches) of epoch ``epoch``.
+    """Runs epoch ``state.epoch`` from update ``state.update`` to ``updates_per_epoch``, advancing ``state``.
 
     Args:
         engine: DeepSpeed engine.
-        loader: yields (images (B, 3, H, W), labels (B,)) on the engine's device.
+        loader: yields (images (B, 3, H, W), labels (B,)) on the engine's device, already positioned at
+            micro-batch ``state.update * grad_accum`` of the epoch.
         step_fn: ``(engine, images, labels) -> {"loss": scalar, ...}``.
-        scheduler: timm scheduler; ``step_update(global_update)`` is called before every optimizer step.
-        updates_per_epoch: optimizer steps in this epoch (the loader may hold more batches: they are not read).
-        log_every: optimizer steps between ``metrics.jsonl`` rows.
+        scheduler: timm scheduler in epochs; ``step(epoch + update / updates_per_epoch)`` precedes every update.
+        updates_per_epoch: optimizer steps in a full epoch (the loader may hold more batches: they are not read).
+        log_every: optimizer steps between ``metrics.jsonl`` rows (loss averaged over ranks and the window).
+        max_nonfinite: skipped updates in a row that stop the run.
+        stop_requested: asked after every update (all ranks must get the same answer); True ends the epoch early.
+        on_update: called after every update that did not stop the epoch (mid-epoch checkpoints).
 
     Returns:
-        ``{"loss": mean over ranks and steps, "img_per_s": global throughput, "steps": optimizer steps}``.
+        ``{"loss": mean finite loss over ranks and steps, "img_per_s", "steps", "seconds", "stopped": bool}``.
 
     Raises:
-        FloatingPointError: the loss is NaN/inf (names the epoch, step and lr).
+        TrainingDiverged: ``max_nonfinite`` skipped updates in a row (names epoch, step and lr).
     """
     engine.train()
     accum = engine.gradient_accumulation_steps()
     world = engine.world_size if hasattr(engine, "world_size") else 1
     device = engine.device
-    first_update = epoch * updates_per_epoch
+    check_before_backward = engine.zero_optimization_stage() == 0  # stage 0 would apply NaN gradients
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    window_loss, window_n, window_imgs, window_t = 0.0, 0, 0, time.time()
-    epoch_t, epoch_imgs = time.time(), 0
-    total_micro = updates_per_epoch * accum
-    bar = progress(loader, total=total_micro, desc=f"epoch {epoch}", enabled=show_progress)
-    micro = -1  # stays -1 if the loader yields nothing
+    n_finite = torch.zeros((), dtype=torch.float64, device=device)
+    window = {"loss": 0.0, "n": 0.0, "imgs": 0, "t": time.time()}
+    epoch_t, epoch_imgs, steps, stopped = time.time(), 0, 0, False
+    total_micro = (updates_per_epoch - state.update) * accum
+    bar = progress(loader, total=total_micro, desc=f"epoch {state.epoch}", enabled=show_progress)
     for micro, (images, labels) in enumerate(bar):
         if micro >= total_micro:
             break
-        update = first_update + micro // accum
         if micro % accum == 0:
-            scheduler.step_update(update)
+            scheduler.step(state.epoch + state.update / updates_per_epoch)
         out = step_fn(engine, images, labels)
         loss = out["loss"]
-        if not torch.isfinite(loss.detach()):
-            lr = engine.get_lr()[0]
-            raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch}, step {update}, lr {lr:.3g}")
+        finite = torch.isfinite(loss.detach())
+        if check_before_backward and not finite:
+            raise TrainingDiverged(f"non-finite loss {loss.item()} at epoch {state.epoch}, step {state.global_step} "
+                                   f"(ZeRO stage 0 cannot skip a step: use stage >= 1 to skip and continue)")
         engine.backward(loss)
         engine.step()
-        loss_sum += loss.detach().double()
-        window_imgs += images.shape[0]
+        loss_sum += torch.where(finite, loss.detach().double(), 0.0)
+        n_finite += finite.double()
+        window["imgs"] += images.shape[0]
         epoch_imgs += images.shape[0]
         if (micro + 1) % accum:
             continue
-        window_n += 1
-        done = micro // accum + 1
-        if done % log_every == 0 or done == updates_per_epoch:
-            loss_total, n_total = all_reduce_sum([loss_sum.item() - window_loss, float(window_n * accum)], device)
-            elapsed = time.time() - window_t
-            row = dict(
-                step=update + 1, epoch=epoch, epoch_1000x=int((update + 1) / updates_per_epoch * 1000),
-                lr=engine.get_lr()[0], loss=loss_total / n_total, img_per_s=window_imgs * world / max(elapsed, 1e-9),
-            )
+        state.update += 1
+        state.global_step += 1
+        steps += 1
+        lr = engine.get_lr()[0]
+        if engine.was_step_applied():
+            state.skipped_in_row = 0
+        else:
+            state.skipped_in_row += 1
+            state.skipped_total += 1
+            logger.warning("skipped step %d (epoch %d, lr %.3g): non-finite loss or gradient (%d in a row)",
+                           state.global_step, state.epoch, lr, state.skipped_in_row)
+            if state.skipped_in_row >= max_nonfinite:
+                raise TrainingDiverged(
+                    f"{state.skipped_in_row} optimizer steps in a row skipped for non-finite loss/gradients "
+                    f"(last: epoch {state.epoch}, step {state.global_step}, lr {lr:.3g})")
+        if state.update % log_every == 0 or state.update == updates_per_epoch:
+            loss_total, n_total = all_reduce_sum([loss_sum.item() - window["loss"], n_finite.item() - window["n"]],
+                                                 device)
+            elapsed = time.time() - window["t"]
+            row = dict(step=state.global_step, epoch=state.epoch,
+                       epoch_1000x=int((state.epoch + state.update / updates_per_epoch) * 1000), lr=lr,
+                       loss=loss_total / n_total if n_total else math.nan,
+                       img_per_s=window["imgs"] * world / max(elapsed, 1e-9), skipped_steps=state.skipped_total)
             metrics.write(**row)
             if show_progress:
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.0f}")
-            window_loss, window_n, window_imgs, window_t = loss_sum.item(), 0, 0, time.time()
-    seen = min(micro + 1, total_micro)
-    loss_total, n_total = all_reduce_sum([loss_sum.item(), float(seen)], device)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{row['img_per_s']:.0f}")
+            window = {"loss": loss_sum.item(), "n": n_finite.item(), "imgs": 0, "t": time.time()}
+        if stop_requested():
+            stopped = True
+            break
+        if on_update is not None:
+            on_update(state)
+    loss_total, n_total = all_reduce_sum([loss_sum.item(), n_finite.item()], device)
     elapsed = time.time() - epoch_t
     return {
-        "loss": loss_total / max(n_total, 1.0),
+        "loss": loss_total / n_total if n_total else math.nan,
         "img_per_s": epoch_imgs * world / max(elapsed, 1e-9),
-        "steps": seen // max(accum, 1),
+        "steps": steps,
         "seconds": elapsed,
+        "stopped": stopped,
     }
+
+
+def fit(
+    engine,
+    *,
+    state: LoopState,
+    epochs: int,
+    begin_epoch: Callable[[int], tuple[object, int]],
+    step_fn: StepFn,
+    scheduler,
+    train: TrainCfg,
+    ckpt_dir: Path,
+    client_state: Callable[[], dict],
+    metrics: MetricsWriter,
+    show_progress: bool,
+    stop_requested: Callable[[], bool] = lambda: False,
+    end_epoch: Callable[[int, dict], None] | None = None,
+    last_checkpoint: Path | None = None,
+) -> dict:
+    """Trains from ``state`` to ``epochs``, checkpointing per ``train`` (epochs, steps, preemption).
+
+    Args:
+        begin_epoch: ``epoch -> (loader, updates_per_epoch)``; may switch resolution stage, engine batch sizes, lr.
+        client_state: extra checkpoint contents (config, ...); the loop state is added to it.
+        end_epoch: ``(epoch, stats) -> None`` after a finished epoch (evaluation, logging).
+        last_checkpoint: the checkpoint resumed from (named when the run diverges).
+
+    Returns:
+        the last epoch's stats plus ``preempted`` (True when ``stop_requested`` ended the run; a checkpoint of the
+        exact position was written).
+
+    Raises:
+        TrainingDiverged: with the last good checkpoint in the message.
+    """
+    last = {"path": last_checkpoint}
+
+    def checkpoint() -> None:
+        last["path"] = save(engine, ckpt_dir, tag=f"step{state.global_step:08d}",
+                            client_state={**client_state(), **state.to_client()}, keep_last=train.keep_last)
+
+    stats: dict = {}
+    while state.epoch < epochs:
+        loader, updates = begin_epoch(state.epoch)
+        loader.set_epoch(state.epoch, start_batch=state.update * engine.gradient_accumulation_steps())
+
+        def on_update(st: LoopState) -> None:
+            if train.ckpt_every_steps and st.global_step % train.ckpt_every_steps == 0 and st.update < updates:
+                checkpoint()
+
+        try:
+            stats = train_one_epoch(
+                engine, loader, step_fn, state=state, scheduler=scheduler, updates_per_epoch=updates,
+                log_every=train.log_every, metrics=metrics, show_progress=show_progress,
+                max_nonfinite=train.max_nonfinite, stop_requested=stop_requested, on_update=on_update,
+            )
+        except TrainingDiverged as e:
+            raise TrainingDiverged(f"{e}; last good checkpoint: {last['path'] or 'none'}") from None
+        if stats["stopped"]:
+            checkpoint()
+            logger.warning("stop requested (SIGTERM): saved %s at epoch %d, step %d; continue with --resume auto",
+                           last["path"], state.epoch, state.global_step)
+            return {**stats, "preempted": True}
+        epoch = state.epoch
+        if end_epoch is not None:
+            end_epoch(epoch, stats)
+        state.epoch, state.update = epoch + 1, 0
+        steps_due = train.ckpt_every_steps and state.global_step % train.ckpt_every_steps == 0
+        if state.epoch == epochs or state.epoch % train.ckpt_every == 0 or steps_due:
+            checkpoint()
+    return {**stats, "preempted": False}
 
 
 @torch.no_grad()

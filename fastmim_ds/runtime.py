@@ -5,9 +5,12 @@ import datetime
 import logging
 import os
 import random
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +19,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Dist", "init_distributed", "setup_logging", "seed_everything", "git_sha", "make_run_dir"]
+__all__ = [
+    "Dist", "init_distributed", "setup_logging", "seed_everything", "git_sha", "make_run_dir", "Preemption",
+    "check_output_dir",
+]
 
 
 @dataclass(frozen=True)
@@ -114,3 +120,57 @@ def make_run_dir(output_dir: str, run_name: str, default_name: str, *, resume: s
     if torch.distributed.is_initialized():
         torch.distributed.broadcast_object_list(stamp, src=0)
     return root / f"{stamp[0]}-{default_name}"
+
+
+class Preemption:
+    """SIGTERM (preemption, ``scancel``, the ``deepspeed`` launcher stopping) -> checkpoint at the next step, exit.
+
+    The handler only sets a flag; :meth:`requested`, asked once per optimizer step by the loop, all-reduces it
+    (max) so every rank stops at the same step even when the signal reached only some of them. The
+    ``deepspeed`` launcher forwards SIGTERM to the ranks and SIGKILLs them 30 s later: the current step plus the
+    checkpoint must fit in that grace (SLURM: ``--signal=TERM@120`` gives more).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.flag = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        if not self.flag:
+            logger.warning("SIGTERM received: saving a checkpoint after the current step")
+        self.flag = True
+
+    def requested(self) -> bool:
+        t = torch.tensor([1.0 if self.flag else 0.0], device=self.device)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+
+def check_output_dir(path: Path, *, checkpoint_bytes: int, keep_last: int) -> None:
+    """Fails before training when checkpoints cannot be written to ``path``; warns when space runs short.
+
+    Args:
+        checkpoint_bytes: estimated size of one checkpoint (all ranks' files).
+        keep_last: checkpoints kept; ``keep_last + 1`` exist while a new one is written.
+
+    Raises:
+        OSError: ``path`` cannot be created or written, or has room for less than one checkpoint.
+    """
+    probe = path / f".write_test.{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"cannot write checkpoints to {path}: {e.strerror or e}") from None
+    free = shutil.disk_usage(path).free
+    gib = 2**30
+    if free < checkpoint_bytes:
+        raise OSError(f"{path}: {free / gib:.1f} GiB free, one checkpoint needs ~{checkpoint_bytes / gib:.1f} GiB "
+                      f"(free space or set train.output_dir elsewhere)")
+    if free < (keep_last + 1) * checkpoint_bytes:
+        logger.warning("%s: %.1f GiB free, %d checkpoints of ~%.1f GiB need more (lower train.keep_last)", path,
+                       free / gib, keep_last + 1, checkpoint_bytes / gib)

@@ -6,18 +6,25 @@ checking a ViT-L config takes milliseconds and no memory.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
-from .config import ConfigError, FinetuneCfg, PretrainCfg, Resolved, resolve
+from .config import ConfigError, FinetuneCfg, PretrainCfg, Resolved, resolve, to_dict
 from .ds_engine import load_ds_config
 
-__all__ = ["check_pretrain", "check_finetune", "read_classes"]
+__all__ = ["check_pretrain", "check_finetune", "check_common", "check_resume_compatible", "read_classes"]
 
 
-def _check_common(data, optim, train, world_size: int, *, need_val: bool) -> Resolved:
+def check_common(data, optim, train, world_size: int, *, need_val: bool) -> Resolved:
+    """Checks shared by every training command (schedule, files, batch arithmetic, DeepSpeed JSON); returns the
+    derived values.
+
+    Raises:
+        ConfigError: one line naming the key and the fix.
+    """
     derived = resolve(optim, train, world_size)
     if train.epochs < 1:
         raise ConfigError(f"train.epochs must be >= 1, got {train.epochs}")
@@ -33,12 +40,64 @@ def _check_common(data, optim, train, world_size: int, *, need_val: bool) -> Res
         p = Path(getattr(data, key))
         if not p.is_file():
             raise ConfigError(f"data.{key}: {p} not found (create it with `make prepare-data SRC=<imagefolder> OUT=...`)")
+    for key, low in (("ckpt_every", 1), ("ckpt_every_steps", 0), ("keep_last", 1), ("log_every", 1),
+                     ("max_nonfinite", 1), ("max_steps_per_epoch", 0)):
+        if getattr(train, key) < low:
+            raise ConfigError(f"train.{key} must be >= {low}, got {getattr(train, key)}")
     load_ds_config(train.ds_config)
+    n = _num_images(data.train)
+    per_update = train.micro_batch * train.grad_accum * world_size
+    if n < per_update:
+        raise ConfigError(f"train.micro_batch: {train.micro_batch} x {train.grad_accum} accumulation x {world_size} "
+                          f"ranks = {per_update} images per step, but {data.train} holds {n}; lower it")
     return derived
 
 
+def _num_images(beton: str) -> int:
+    threads = torch.get_num_threads()
+    from ffcv.reader import Reader  # importing ffcv sets torch's thread count to 1
+
+    torch.set_num_threads(threads)
+    return int(Reader(str(beton)).num_samples)
+
+
+def _model_key(e: Exception) -> str:
+    msg = str(e)
+    if "model.encoder_kwargs" in msg:
+        return "model.encoder_kwargs"
+    if "image size" in msg or "window" in msg:
+        return "data.img_size"
+    if "block size" in msg:
+        return "mask.block_size"
+    if "mask ratio" in msg:
+        return "mask.ratio"
+    return "model"
+
+
+def _check_stages(cfg: PretrainCfg, world_size: int) -> None:
+    stages = cfg.stages()
+    if cfg.progressive:
+        starts = [s.start_epoch for s in stages]
+        if starts[0] != 0:
+            raise ConfigError(f"progressive: the first stage must start at epoch 0, got {starts[0]}")
+        if any(b <= a for a, b in zip(starts, starts[1:])):
+            raise ConfigError(f"progressive: start epochs must increase, got {starts}")
+        if starts[-1] >= cfg.train.epochs:
+            raise ConfigError(f"progressive: stage start {starts[-1]} is not before train.epochs={cfg.train.epochs}")
+    for s in stages:
+        where = f"progressive stage from epoch {s.start_epoch}" if cfg.progressive else "train"
+        if s.micro_batch < 1 or s.grad_accum < 1 or s.img_size < 1:
+            raise ConfigError(f"{where}: size, micro batch and grad accumulation must be >= 1, got {s}")
+        if cfg.method == "mixmim" and s.micro_batch % 2:
+            raise ConfigError(f"{where}: MixMIM pairs sample i with B-1-i, so the per-rank micro batch must be even, "
+                              f"got {s.micro_batch}")
+
+
 def check_pretrain(cfg: PretrainCfg, world_size: int, *, check_files: bool = True) -> Resolved:
-    """Validates a pre-training config for ``world_size`` ranks; returns the derived values.
+    """Validates a pre-training config for ``world_size`` ranks; returns the derived values (first stage).
+
+    Checks the model at every image size it will see (``data.img_size`` and each FastMIM-P stage: mask grid,
+    patch/stride, Swin windows, HOG cells), the stage schedule, batch arithmetic, files and the DeepSpeed config.
 
     Raises:
         ConfigError: one line naming the key and the fix.
@@ -47,15 +106,49 @@ def check_pretrain(cfg: PretrainCfg, world_size: int, *, check_files: bool = Tru
 
     if cfg.method not in METHODS:
         raise ConfigError(f"method: unknown '{cfg.method}' (choices: {', '.join(METHODS)})")
+    _check_stages(cfg, world_size)
     try:
         with torch.device("meta"):
-            create_mim_model(cfg.method, cfg.model, cfg.mask, cfg.data.img_size)
+            model = create_mim_model(cfg.method, cfg.model, cfg.mask, cfg.data.img_size)
     except (ValueError, TypeError, RuntimeError) as e:
-        key = "data.img_size" if "image size" in str(e) else "mask.block_size" if "block" in str(e) else "model"
-        raise ConfigError(f"{key}: {e}") from None
+        raise ConfigError(f"{_model_key(e)}: {e}") from None
+    for s in cfg.stages():
+        try:
+            model.check_img_size(s.img_size)
+        except ValueError as e:
+            raise ConfigError(f"progressive: stage from epoch {s.start_epoch}: {e}") from None
+    first = cfg.stages()[0]
+    train = dataclasses.replace(cfg.train, micro_batch=first.micro_batch, grad_accum=first.grad_accum)
     if check_files:
-        return _check_common(cfg.data, cfg.optim, cfg.train, world_size, need_val=False)
-    return resolve(cfg.optim, cfg.train, world_size)
+        return check_common(cfg.data, cfg.optim, train, world_size, need_val=False)
+    return resolve(cfg.optim, train, world_size)
+
+
+# config sections that fix parameter shapes and what is learned: a resumed run must keep them (except the keys in
+# RESUME_FREE, which change no shape)
+ARCH_KEYS = ("method", "model")
+RESUME_FREE = {"drop_path", "pretrained"}
+
+
+def check_resume_compatible(cfg, saved: dict, tag_dir: Path) -> None:
+    """Refuses to resume ``tag_dir`` (trained with config ``saved``) under a config with another model.
+
+    Raises:
+        ConfigError: names the first differing key, both values and the fix.
+    """
+    now = to_dict(cfg)
+    for section in ARCH_KEYS:
+        a, b = saved.get(section), now.get(section)
+        if isinstance(a, dict) and isinstance(b, dict):
+            a = {k: v for k, v in a.items() if k not in RESUME_FREE}
+            b = {k: v for k, v in b.items() if k not in RESUME_FREE}
+        if a is None or a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            key = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+            raise ConfigError(f"{section}.{key}: the checkpoint {tag_dir} was trained with {a.get(key)!r}, the config "
+                              f"says {b.get(key)!r}; resume with the same value or start a new run (train.run_name)")
+        raise ConfigError(f"{section}: the checkpoint {tag_dir} was trained with {a!r}, the config says {b!r}")
 
 
 def read_classes(beton: str) -> list[str]:
@@ -88,5 +181,5 @@ def check_finetune(cfg: FinetuneCfg, world_size: int, *, check_files: bool = Tru
     if not 0 <= cfg.aug.smoothing < 1:
         raise ConfigError(f"aug.smoothing must be in [0, 1), got {cfg.aug.smoothing}")
     if check_files:
-        return _check_common(cfg.data, cfg.optim, cfg.train, world_size, need_val=True)
+        return check_common(cfg.data, cfg.optim, cfg.train, world_size, need_val=True)
     return resolve(cfg.optim, cfg.train, world_size)

@@ -59,3 +59,22 @@ def run_deepspeed(args: list[str], *, cwd: Path, timeout: int = 600, port: int =
     deepspeed = Path(sys.executable).with_name("deepspeed")
     cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(port), "--module", "fastmim_ds", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# ------------------------------------------------------------------ a 1-rank process group for in-process engines
+@pytest.fixture(scope="module")
+def one_rank_group():
+    """A 1-rank torch.distributed group (gloo), as ``init_distributed`` makes for a plain process; torch runs one
+    intra-op thread meanwhile (tiny models on shared cores: more threads only add overhead)."""
+    import torch
+
+    from fastmim_ds.runtime import init_distributed
+
+    if not torch.distributed.is_initialized():
+        for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):
+            os.environ.pop(k, None)
+        init_distributed()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

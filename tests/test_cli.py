@@ -38,7 +38,12 @@ def test_missing_beton_is_reported(tmp_path):
 def test_batch_arithmetic_for_hostfile(small_beton, tmp_path):
     hosts = tmp_path / "hostfile"
     hosts.write_text("worker-1 slots=8\nworker-2 slots=8\n")
-    proc = _check("--set", f"data.train={small_beton / 'train.beton'}", "--set", "train.micro_batch=256",
-                  "--set", "train.grad_accum=2", "--hostfile", str(hosts))
+    data = ("--set", f"data.train={small_beton / 'train.beton'}", "--hostfile", str(hosts))
+    proc = _check(*data, "--set", "train.micro_batch=4", "--set", "train.grad_accum=2")
     assert proc.returncode == 0, proc.stderr
-    assert "world size 16, effective batch 8192, lr 0.0048" in proc.stdout  # 1.5e-4 * 8192 / 256
+    assert "world size 16, effective batch 128, lr 7.5e-05" in proc.stdout  # 1.5e-4 * 128 / 256
+    # one optimizer step would need more images than the 240 in the beton
+    proc = _check(*data, "--set", "train.micro_batch=256", "--set", "train.grad_accum=2")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"config error: train.micro_batch: 256 x 2 accumulation x 16 ranks = 8192 images per "
+                                   f"step, but {small_beton / 'train.beton'} holds 240; lower it")

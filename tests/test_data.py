@@ -1,48 +1,12 @@
-"""Dataset conversion and FFCV loaders on real JPEGs (imagenette subset) and on bad files."""
+"""FFCV loaders on real JPEGs (imagenette subset); conversion itself is tested in test_convert.py."""
 from __future__ import annotations
 
-import json
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from fastmim_ds.data.convert import convert_image_folder
 from fastmim_ds.data.loaders import IMAGENET_MEAN, IMAGENET_STD, build_train_loader, build_val_loader
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def test_convert_writes_betons_and_class_counts(small_beton):
-    meta = json.loads((small_beton / "classes.json").read_text())
-    assert len(meta["classes"]) == 10 and meta["classes"] == sorted(meta["classes"])
-    assert meta["splits"]["train"]["images"] == 240 and meta["splits"]["val"]["images"] == 80
-    assert set(meta["splits"]["train"]["per_class"].values()) == {24}
-    assert not list(small_beton.glob("*.partial"))
-
-
-def test_convert_skips_bad_files_and_reports_them(imagenette_subset, tmp_path):
-    src = tmp_path / "src"
-    for split in ("train", "val"):
-        for cls in ("a", "b"):
-            d = src / split / cls
-            d.mkdir(parents=True)
-            for i, f in enumerate(sorted((imagenette_subset / split / "n01440764").iterdir())[:3]):
-                (d / f"{i}.JPEG").symlink_to(f.resolve())
-    (src / "train" / "a" / "empty.JPEG").write_bytes(b"")
-    (src / "train" / "b" / "truncated.JPEG").write_bytes((src / "train" / "a" / "0.JPEG").read_bytes()[:200])
-    Image.fromarray(np.full((40, 30), 128, np.uint8), "L").save(src / "train" / "b" / "grey.JPEG")
-    Image.new("CMYK", (30, 20), (0, 50, 100, 0)).save(src / "train" / "b" / "cmyk.JPEG")
-    Image.new("RGB", (30, 20), (5, 6, 7)).save(src / "train" / "a" / "png_named.JPEG", format="PNG")
-    out = tmp_path / "out"
-    reports = convert_image_folder(src, out, max_res=64, num_workers=2, progress=False)
-    train = reports[0]
-    assert train.written == 3 + 3 + 3  # 6 real + grey + cmyk + png-with-.JPEG-name
-    assert sorted(p.rsplit("/", 1)[1] for p, _ in train.skipped) == ["empty.JPEG", "truncated.JPEG"]
-    tsv = (out / "train_skipped.tsv").read_text().splitlines()
-    assert len(tsv) == 2 and all("\t" in line for line in tsv)
-    assert json.loads((out / "classes.json").read_text())["splits"]["train"]["per_class"] == {"a": 4, "b": 5}
 
 
 def test_train_loader_batches(small_beton):

@@ -6,6 +6,11 @@ fine-tuning must load the pre-trained encoder and report a top-1.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,16 +34,19 @@ def _check(proc) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
 
 
+def _pretrain_args(beton: Path, out: Path, run: str) -> list[str]:
+    return ["pretrain", *_sets(TINY + [
+        f"data.train={beton}", "data.img_size=64", "data.num_workers=1",
+        "optim.blr=2e-3", "optim.warmup_epochs=1", "train.epochs=4", "train.micro_batch=16", "train.log_every=1",
+        "train.ckpt_every=2", "train.ckpt_every_steps=3", "train.keep_last=2", f"train.output_dir={out}",
+        f"train.run_name={run}", "train.ds_config=ds_configs/zero2_fp32.json",
+    ])]
+
+
 @pytest.fixture(scope="module")
 def pretrain_run(small_beton, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs")
-    args = ["pretrain", *_sets(TINY + [
-        f"data.train={small_beton / 'train.beton'}", "data.img_size=64", "data.num_workers=1",
-        "optim.blr=2e-3", "optim.warmup_epochs=1", "train.epochs=4", "train.micro_batch=16", "train.log_every=1",
-        "train.ckpt_every=2", "train.keep_last=1", f"train.output_dir={out}", "train.run_name=pre",
-        "train.ds_config=ds_configs/zero2_fp32.json",
-    ])]
-    _check(run_deepspeed(args, cwd=REPO, port=29711))
+    _check(run_deepspeed(_pretrain_args(small_beton / "train.beton", out, "pre"), cwd=REPO, port=29711))
     return out / "pre"
 
 
@@ -50,30 +58,65 @@ def test_pretrain_two_ranks_loss_decreases(pretrain_run):
     assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in steps)  # finite, positive
     assert epochs[-1]["train_loss"] < 0.8 * epochs[0]["train_loss"], [r["train_loss"] for r in epochs]
     # 240 images / (16 per rank x 2 ranks) = 7 optimizer steps per epoch, logged every step, lr warmup from 0
-    assert [r["step"] for r in steps[:7]] == list(range(1, 8))
+    assert [r["step"] for r in steps] == list(range(1, 29))
     assert steps[0]["lr"] < steps[6]["lr"]
-    # checkpoints every 2 epochs, keep_last=1: only the newest tag stays; config saved with the run
+    # checkpoints every 3 steps and every 2 epochs, keep_last=2: the two newest complete tags stay
     ckpt = pretrain_run / "ckpt"
-    assert (ckpt / "latest").read_text().strip() == "epoch0003"
-    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["epoch0003"]
-    assert "effective batch" not in (pretrain_run / "config.yaml").read_text()
+    assert (ckpt / "latest").read_text().strip() == "step00000028"
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step00000027", "step00000028"]
+    assert all((ckpt / t / "complete").is_file() for t in ("step00000027", "step00000028"))
     assert "eff_batch: 32" in (pretrain_run / "config.yaml").read_text()
 
 
-def test_pretrain_resume_continues_at_next_epoch(pretrain_run, small_beton):
-    args = ["pretrain", "--resume", "auto", *_sets(TINY + [
-        f"data.train={small_beton / 'train.beton'}", "data.img_size=64", "data.num_workers=1",
-        "optim.blr=2e-3", "optim.warmup_epochs=1", "train.epochs=5", "train.micro_batch=16", "train.log_every=1",
-        "train.ckpt_every=2", "train.keep_last=1", f"train.output_dir={pretrain_run.parent}", "train.run_name=pre",
-        "train.ds_config=ds_configs/zero2_fp32.json",
-    ])]
-    proc = run_deepspeed(args, cwd=REPO, port=29712)
-    _check(proc)
-    assert "resumed from" in proc.stderr
-    epochs = [r["epoch_end"] for r in _rows(pretrain_run) if "epoch_end" in r]
-    assert epochs == [0, 1, 2, 3, 4]  # epoch 4 appended, nothing re-run
-    steps = [r["step"] for r in _rows(pretrain_run) if "step" in r]
-    assert steps[-1] == 35 and steps[-7] == 29  # global step continues from 28
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _rows(run) if "step" in r}  # a re-run step keeps its last row
+
+
+def _launch_until(args: list[str], run: Path, *, step: int, sig: int, port: int, timeout: float = 400) -> str:
+    """Starts a 2-rank run, sends ``sig`` to all its processes once ``step`` is logged, waits until all are gone."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(port),
+           "--module", "fastmim_ds", *args]
+    log = run.parent / f"{run.name}-{sig}.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    t0 = time.time()
+    while not ((run / "metrics.jsonl").is_file() and max(_losses(run), default=0) >= step):
+        assert proc.poll() is None, f"run ended before step {step}:\n{log.read_text()[-4000:]}"
+        assert time.time() - t0 < timeout, f"step {step} not reached:\n{log.read_text()[-4000:]}"
+        time.sleep(0.2)
+    os.killpg(proc.pid, sig)
+    while True:  # until every process of the group (launcher and ranks) has exited
+        proc.poll()  # reaps the launcher: a zombie would still count as a member of the group
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.time() - t0 < timeout + 60, "processes still alive after the signal"
+        time.sleep(0.2)
+    proc.wait()
+    return log.read_text()
+
+
+def test_kill9_and_sigterm_then_resume_reproduce_every_step(pretrain_run, small_beton, tmp_path):
+    """A run SIGKILLed mid-epoch, resumed, stopped with SIGTERM mid-epoch and resumed again logs the same loss at
+    every step as the uninterrupted ``pretrain_run`` (same seed: same batches, crops, masks, lr)."""
+    beton, run = small_beton / "train.beton", tmp_path / "crash"
+    args = _pretrain_args(beton, tmp_path, "crash")
+    _launch_until(args, run, step=11, sig=signal.SIGKILL, port=29715)
+    done = sorted(p.name for p in (run / "ckpt").iterdir() if (p / "complete").is_file())
+    assert done[-1] == "step00000009", done  # mid-epoch 1 (7 steps per epoch), every 3 steps
+
+    out = _launch_until([*args, "--resume", "auto"], run, step=17, sig=signal.SIGTERM, port=29716)
+    assert "resumed from" in out and "stop requested (SIGTERM)" in out, out[-4000:]
+    newest = sorted(p for p in (run / "ckpt").iterdir() if (p / "complete").is_file())[-1]
+    marker = json.loads((newest / "complete").read_text())
+    assert marker["global_step"] >= 17 and marker["update"] == marker["global_step"] - 14 > 0, marker  # epoch 2
+
+    _check(run_deepspeed([*args, "--resume", "auto"], cwd=REPO, port=29717))
+    ref, got = _losses(pretrain_run), _losses(run)
+    assert sorted(got) == list(range(1, 29))
+    assert got == pytest.approx(ref, rel=1e-5, abs=1e-7), {k: (ref[k], got[k]) for k in ref if ref[k] != got[k]}
 
 
 def test_finetune_loads_pretrained_and_reports_top1(pretrain_run, small_beton, tmp_path):

@@ -11,20 +11,56 @@ Normalisation: on CPU FFCV's numba ``NormalizeImage`` runs in the loader threads
 order that works without CuPy); on GPU uint8 batches are copied to the device and normalised there by torch.
 Both yield (B, 3, H, W) float32 channels-last images and (B,) int64 labels.
 
+Reproducible, resumable training batches. A training epoch is a pure function of (seed, epoch):
+
+* order: ffcv's ``OrderOption.RANDOM`` (``np.random.default_rng(seed + epoch).permutation`` on one rank; across ranks
+  ``DistributedSampler(seed=seed).set_epoch(epoch)``, the same permutation split over ranks);
+* crops and flips: ffcv's ``RandomResizedCropRGBImageDecoder`` + ``RandomHorizontalFlip`` draw from numba's
+  per-thread, unseeded ``np.random`` inside ``prange``, so they change from run to run. :class:`SeededRRCDecoder`
+  replaces both: the same RandomResizedCrop algorithm (torchvision / ffcv ``get_random_crop``) and the flip take
+  their uniforms from a counter-based hash (splitmix64) of (seed, epoch, sample index, draw number). They do not
+  depend on threads, ``num_workers``, batch position or rank.
+
+``FFCVLoader.set_epoch(epoch, start_batch=k)`` then yields exactly batches k, k + 1, ... of that epoch without
+decoding the first k (``--resume`` mid-epoch), and an exception raised in FFCV's pipeline thread (e.g. a corrupt
+JPEG) is re-raised in the consuming thread instead of leaving it blocked on the batch queue forever.
+
 FFCV's ``Compiler.set_num_threads`` also calls ``torch.set_num_threads`` (on import, in the Loader constructor
-and in every epoch iterator); :class:`FFCVLoader` puts torch's thread count back so training keeps its cores.
+and in every epoch iterator); this module and :class:`FFCVLoader` put torch's thread count back so training keeps its
+cores.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from queue import Full
 
+import numba as nb
 import numpy as np
 import torch
+from numba import types as nbt
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+_torch_threads = torch.get_num_threads()  # importing ffcv runs Compiler.set_num_threads(1), torch's included
+from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder  # noqa: E402
+from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder  # noqa: E402
+from ffcv.libffcv import imdecode, resize_crop  # noqa: E402
+from ffcv.loader import Loader, OrderOption  # noqa: E402
+from ffcv.loader.epoch_iterator import EpochIterator  # noqa: E402
+from ffcv.memory_managers.os_cache import OSCacheManager  # noqa: E402
+from ffcv.pipeline.compiler import Compiler  # noqa: E402
+from ffcv.reader import Reader  # noqa: E402
+from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage  # noqa: E402
+
+torch.set_num_threads(_torch_threads)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "FFCVLoader", "build_train_loader", "build_val_loader"]
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "FFCVLoader", "SeededRRCDecoder", "random_resized_crop_params",
+    "build_train_loader", "build_val_loader",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -37,8 +73,259 @@ def _check_beton(path: str) -> Path:
     return p
 
 
+# ----------------------------------------------------------------------------- counter-based RNG (numba, nogil)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's increment (2^64 / golden ratio)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+@nb.njit(nogil=True)
+def _splitmix64(z: np.uint64) -> np.uint64:
+    """splitmix64's output function (Steele, Lea & Flood 2014): a bijective avalanche mix of a 64-bit word."""
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+@nb.njit(nogil=True)
+def _uniform(key: np.uint64, draw: int) -> float:
+    """Draw number ``draw`` of the splitmix64 stream that starts at ``key``: a float64 uniform in [0, 1)."""
+    return (_splitmix64(key + np.uint64(draw + 1) * _GOLDEN) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+
+
+@nb.njit(nogil=True)
+def random_resized_crop_params(height, width, scale, ratio, flip_prob, seed, epoch, index):
+    """Crop box and flip of one sample: RandomResizedCrop (torchvision ``RandomResizedCrop.get_params``, ffcv
+    ``get_random_crop``: 10 tries, then a centre crop clamped to ``ratio``) + horizontal flip with ``flip_prob``.
+
+    A pure function of its arguments (numba-compiled; callable from Python and from the decoder's ``prange`` loop):
+    the uniforms are splitmix64 draws keyed by (seed, epoch, index); draw 0 decides the flip, draws 1 + 4t .. 4 + 4t
+    are try t's area, log-aspect, row and column.
+
+    Args:
+        height, width: source image size in pixels.
+        scale: (lo, hi) crop area as a fraction of the image area.
+        ratio: (lo, hi) crop aspect ratio w / h (sampled log-uniformly).
+        flip_prob: probability of a horizontal flip (0 = never).
+        seed, epoch, index: non-negative ints (loader seed, epoch, sample index in the .beton).
+
+    Returns:
+        (i, j, h, w, flip): crop rows [i, i + h), columns [j, j + w) (int64) and whether to mirror the output (bool).
+    """
+    height, width = np.int64(height), np.int64(width)
+    key = _splitmix64(_splitmix64(_splitmix64(np.uint64(seed) + _GOLDEN) + np.uint64(epoch)) + np.uint64(index))
+    flip = _uniform(key, 0) < flip_prob
+    area = float(height * width)
+    log_lo, log_hi = np.log(ratio[0]), np.log(ratio[1])
+    for t in range(10):
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * _uniform(key, 1 + 4 * t))
+        aspect = np.exp(log_lo + (log_hi - log_lo) * _uniform(key, 2 + 4 * t))
+        w = np.int64(round(np.sqrt(target_area * aspect)))
+        h = np.int64(round(np.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            i = np.int64(_uniform(key, 3 + 4 * t) * (height - h + 1))
+            j = np.int64(_uniform(key, 4 + 4 * t) * (width - w + 1))
+            return i, j, h, w, flip
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, np.int64(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = np.int64(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w, flip
+
+
+@nb.njit(nogil=True)
+def _hflip_inplace(img):
+    """Mirrors an (H, W, C) image left-right in place (the flip's cost is a fraction of the decode's)."""
+    width = img.shape[1]
+    for y in range(img.shape[0]):
+        for x in range(width // 2):
+            for c in range(img.shape[2]):
+                img[y, x, c], img[y, width - 1 - x, c] = img[y, width - 1 - x, c], img[y, x, c]
+
+
+@intrinsic
+def _address_to_voidptr(typingctx, address):
+    """``void*`` from an integer address (numba has no cast for it; this is the usual ``inttoptr`` intrinsic)."""
+    if not isinstance(address, nbt.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return nbt.voidptr(address), codegen
+
+
+@nb.njit(nogil=True)
+def _read_seed_epoch(address):
+    # numba freezes arrays captured by a compiled closure as constants; reading through the address sees the live
+    # values the decoder writes between epochs without recompiling the pipeline.
+    state = nb.carray(_address_to_voidptr(address), (2,), np.uint64)
+    return state[0], state[1]
+
+
+class SeededRRCDecoder(ResizedCropRGBImageDecoder):
+    """ffcv's RandomResizedCrop decoder + horizontal flip, with crops and flips a pure function of
+    (seed, epoch, sample index) (see :func:`random_resized_crop_params`).
+
+    The decode path is ffcv's ``ResizedCropRGBImageDecoder``: libjpeg-turbo ``imdecode`` of the stored image into a
+    per-sample scratch buffer (raw images are read in place), then ``resize_crop`` (``cv::resize(INTER_AREA)``) of the
+    crop box straight into the (output_size[0], output_size[1], 3) uint8 batch slot, in parallel over the batch.
+    Unlike ffcv's decoder it checks ``imdecode``'s status: a JPEG that does not decode raises ``ValueError`` naming
+    the sample index instead of feeding a stale buffer to training.
+
+    The seed and epoch are set by the owning loader before each epoch (:meth:`set_seed_epoch`) and read by the
+    compiled code at every batch, so changing them costs no recompilation. ``output_size`` may change between epochs
+    (FastMIM-P, ffcv-imagenet progressive resizing); ``scale``, ``ratio`` and ``flip_prob`` are compiled in.
+
+    Args:
+        output_size: (H, W) of the decoded images in pixels.
+        scale: (lo, hi) crop area fraction, 0 < lo <= hi <= 1.
+        ratio: (lo, hi) crop aspect ratio w / h, 0 < lo <= hi.
+        flip_prob: probability of a horizontal flip, in [0, 1].
+
+    Raises:
+        ValueError: ``scale``, ``ratio`` or ``flip_prob`` out of range.
+    """
+
+    def __init__(self, output_size: tuple[int, int], *, scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_prob: float = 0.5):
+        super().__init__(tuple(output_size))
+        scale, ratio = (float(scale[0]), float(scale[1])), (float(ratio[0]), float(ratio[1]))
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"RandomResizedCrop scale must satisfy 0 < lo <= hi <= 1; got {scale}")
+        if not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"RandomResizedCrop ratio must satisfy 0 < lo <= hi; got {ratio}")
+        if not 0 <= flip_prob <= 1:
+            raise ValueError(f"flip probability must be in [0, 1]; got {flip_prob}")
+        self.scale, self.ratio, self.flip_prob = scale, ratio, float(flip_prob)
+        self._seed_epoch = np.zeros(2, np.uint64)  # read by address from the compiled decode: never reallocate
+
+    def set_seed_epoch(self, seed: int, epoch: int) -> None:
+        """Keys the next batches' crops and flips by (seed, epoch); both must be >= 0 (uint64)."""
+        self._seed_epoch[:] = (seed, epoch)
+
+    @property
+    def get_crop_generator(self):  # ffcv's abstract hook; our generate_code calls the seeded sampler directly
+        return random_resized_crop_params
+
+    def generate_code(self):
+        """ffcv ``ResizedCropRGBImageDecoder.generate_code``'s decode loop with the seeded crop + flip and a decode
+        status check; returns the (parallel) numba-compilable ``decode``."""
+        jpg = IMAGE_MODES["jpg"]
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        imdecode_c = Compiler.compile(imdecode)
+        resize_crop_c = Compiler.compile(resize_crop)
+        scale, ratio, flip_prob = self.scale, self.ratio, self.flip_prob
+        state_address = self._seed_epoch.ctypes.data
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage = my_storage
+            seed, epoch = _read_seed_epoch(state_address)
+            status = np.zeros(len(batch_indices), np.int32)  # raising inside prange would serialise the loop
+            for dst_ix in my_range(len(batch_indices)):
+                source_ix = batch_indices[dst_ix]
+                field = metadata[source_ix]
+                image_data = mem_read(field["data_ptr"], storage_state)
+                height = np.uint32(field["height"])
+                width = np.uint32(field["width"])
+
+                if field["mode"] == jpg:
+                    temp_buffer = temp_storage[dst_ix]
+                    status[dst_ix] = imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1,
+                                                False, False)
+                    selected_size = 3 * height * width
+                    temp_buffer = temp_buffer.reshape(-1)[:selected_size]
+                    temp_buffer = temp_buffer.reshape(height, width, 3)
+                else:
+                    temp_buffer = image_data.reshape(height, width, 3)
+
+                if status[dst_ix] == 0:
+                    i, j, h, w, flip = random_resized_crop_params(height, width, scale, ratio, flip_prob, seed, epoch,
+                                                                  source_ix)
+                    resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
+                    if flip:
+                        _hflip_inplace(destination[dst_ix])
+
+            for dst_ix in range(len(batch_indices)):
+                if status[dst_ix] != 0:
+                    raise ValueError("libjpeg-turbo could not decode the JPEG of sample", batch_indices[dst_ix])
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+# ----------------------------------------------------------------------------- loader
+class _EpochIterator(EpochIterator):
+    """ffcv's ``EpochIterator`` (the epoch's pipeline thread) that hands an exception raised in the thread to the
+    consumer: ffcv's thread dies and the consumer waits on the batch queue forever (ffcv #113, #350)."""
+
+    error: BaseException | None = None  # set by the pipeline thread
+    _finished = False
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer thread by __next__
+            self.error = e
+            while not self.terminate_event.is_set():  # the consumer may have stopped reading (close())
+                try:
+                    self.output_queue.put(None, timeout=0.5)  # ffcv's end-of-epoch marker
+                    return
+                except Full:
+                    pass
+
+    def __next__(self):
+        if self._finished:  # ffcv's iterator would block on the empty queue
+            raise StopIteration
+        try:
+            return super().__next__()
+        except StopIteration:
+            self._finished = True
+            if self.error is not None:
+                raise RuntimeError(f"FFCV pipeline thread failed: {self.error!r}") from self.error
+            raise
+
+
+class _ResumableLoader(Loader):
+    """ffcv ``Loader`` whose next epoch can start at batch ``start_batch``, whose seeded decoders are keyed by
+    (seed, epoch) before each epoch, and whose pipeline exceptions reach the consumer.
+
+    Args:
+        *args, **kwargs: ffcv ``Loader`` arguments.
+        seeded_decoders: decoders to key by (``self.seed``, epoch) at every ``iter``.
+    """
+
+    def __init__(self, *args, seeded_decoders: tuple[SeededRRCDecoder, ...] = (), **kwargs):
+        self.seeded_decoders = tuple(seeded_decoders)
+        self.start_batch = 0  # of the next epoch only
+        super().__init__(*args, **kwargs)
+
+    def __iter__(self) -> _EpochIterator:
+        # ffcv 1.0.2 Loader.__iter__, plus the seeding and the skip
+        Compiler.set_num_threads(self.num_workers)
+        # A previous epoch's thread still finishing a batch (its consumer stopped early) may see the new key: its
+        # batches are never read.
+        for decoder in self.seeded_decoders:
+            decoder.set_seed_epoch(self.seed, self.next_epoch)
+        order = self.next_traversal_order()[: len(self) * self.batch_size]  # drop_last as ffcv does it
+        skip, self.start_batch = self.start_batch * self.batch_size, 0
+        self.next_epoch += 1
+        if self.code is None or self.recompile:
+            self.generate_code()
+        return _EpochIterator(self, order[skip:])
+
+
 class FFCVLoader:
-    """An FFCV ``Loader`` yielding normalised float batches on ``device``.
+    """An FFCV loader yielding normalised float batches on ``device``.
+
+    Iterating yields (images (B, 3, H, W) float32 normalised with ImageNet statistics, channels-last; labels (B,)
+    int64). An exception raised in FFCV's pipeline thread (e.g. ``ValueError`` for a JPEG that does not decode)
+    is raised in the iterating thread as ``RuntimeError`` chained to it, after the batches prepared before it.
 
     Args:
         loader: the FFCV loader (image pipeline emits uint8 on GPU, float32 normalised on CPU).
@@ -47,7 +334,7 @@ class FFCVLoader:
         torch_threads: torch intra-op threads to restore after FFCV changes them.
     """
 
-    def __init__(self, loader, decoder, *, device: torch.device, torch_threads: int):
+    def __init__(self, loader: _ResumableLoader, decoder, *, device: torch.device, torch_threads: int):
         self.loader, self.decoder, self.device, self.torch_threads = loader, decoder, device, torch_threads
         self._normalize_on_device = device.type != "cpu"
         mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
@@ -56,6 +343,7 @@ class FFCVLoader:
         torch.set_num_threads(torch_threads)
 
     def __len__(self) -> int:
+        """Batches in a full epoch (also after ``set_epoch(..., start_batch=k)``, whose iteration yields k fewer)."""
         return len(self.loader)
 
     @property
@@ -66,9 +354,27 @@ class FFCVLoader:
         """Changes the decoded resolution from the next epoch on (buffers are re-declared per ``iter``)."""
         self.decoder.output_size = (size, size)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Makes the next ``iter`` use epoch ``epoch``'s data order (seeded per epoch; resume)."""
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Makes the next ``iter`` yield batches ``start_batch``, ..., ``len(self) - 1`` of epoch ``epoch``.
+
+        The batches are bit-identical to those of an uninterrupted epoch ``epoch`` of a loader built with the same
+        arguments (order from (seed, epoch); crops and flips from (seed, epoch, sample index)); the skipped ones are
+        not read or decoded. Resuming after micro-batch step s (0-based) of an epoch means ``start_batch=s + 1``.
+        Without a call, iterations run epochs 0, 1, 2, ... from their first batch.
+
+        Args:
+            epoch: epoch number, >= 0.
+            start_batch: loader batches (micro-batches, not optimizer steps) to skip, in [0, len(self)].
+
+        Raises:
+            ValueError: ``epoch`` < 0 or ``start_batch`` outside [0, len(self)].
+        """
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0; got {epoch}")
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch must be in [0, {len(self)}] (batches per epoch); got {start_batch}")
         self.loader.next_epoch = epoch
+        self.loader.start_batch = start_batch
 
     def __iter__(self):
         it = iter(self.loader)
@@ -95,10 +401,6 @@ def _fix_ffcv_os_cache_reader() -> None:
     finalizer raises "KeyError" when that loader is garbage-collected. We compile ffcv's reader with the same,
     explicitly read-only types instead (``compile_reader`` is the only user of ``state_type``).
     """
-    import numba as nb
-    from ffcv.memory_managers.os_cache import OSCacheManager
-    from ffcv.pipeline.compiler import Compiler
-
     if getattr(OSCacheManager.compile_reader, "_fastmim_fixed", False):
         return
 
@@ -114,13 +416,8 @@ def _fix_ffcv_os_cache_reader() -> None:
     OSCacheManager.compile_reader = compile_reader
 
 
-def _pipelines(decoder, *, device: torch.device, hflip: bool):
-    from ffcv.fields.decoders import IntDecoder
-    from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
-
+def _pipelines(decoder, *, device: torch.device) -> dict:
     image = [decoder]
-    if hflip:
-        image.append(RandomHorizontalFlip())
     if device.type == "cpu":
         image.append(NormalizeImage(np.array(IMAGENET_MEAN) * 255, np.array(IMAGENET_STD) * 255, np.float32))
         image += [ToTensor(), ToTorchImage()]
@@ -137,24 +434,41 @@ def build_train_loader(
     hflip: bool, num_workers: int, seed: int, distributed: bool, device: torch.device, os_cache: bool = True,
     batches_ahead: int = 3, torch_threads: int | None = None,
 ) -> FFCVLoader:
-    """Shuffled, ``drop_last`` training loader; with ``distributed`` each rank reads its own shard.
+    """Shuffled, ``drop_last`` training loader with seeded RandomResizedCrop + flip; with ``distributed`` each rank
+    reads its own shard.
 
-    The order is a function of (seed, epoch): ``np.random.default_rng(seed + epoch)`` on one rank, a
-    ``DistributedSampler(seed).set_epoch(epoch)`` across ranks (torch.distributed must be initialised first).
+    Every epoch is a function of (seed, epoch) alone: the order is ``np.random.default_rng(seed + epoch)`` on one
+    rank, a ``DistributedSampler(seed).set_epoch(epoch)`` across ranks (torch.distributed must be initialised
+    first; every rank must pass the same seed and world size), and crops/flips come from (seed, epoch, sample index)
+    via :class:`SeededRRCDecoder`. ``set_epoch(epoch, start_batch=k)`` resumes inside an epoch. (The sampler pads
+    the last ranks with repeated images, like ``DistributedSampler``: a repeated image gets the same crop and flip.)
+
+    Args:
+        path: the ``train.beton``.
+        img_size: side of the square crops in pixels (changeable between epochs: ``set_img_size``).
+        batch_size: images per batch (per rank).
+        scale: (lo, hi) RandomResizedCrop area fraction.
+        ratio: (lo, hi) RandomResizedCrop aspect ratio w / h.
+        hflip: mirror half the images (probability 0.5) or none.
+        num_workers: FFCV decode threads (<= the machine's cores).
+        seed: order and augmentation seed, >= 0.
+        distributed: shard over torch.distributed ranks.
+        device: where batches land.
+        os_cache: read through the OS page cache (shared by the ranks) rather than a per-process cache.
+        batches_ahead: batches decoded ahead of the consumer.
+        torch_threads: torch intra-op threads to keep (default: the current count).
 
     Raises:
         FileNotFoundError: ``path`` missing.
+        ValueError: fewer images per rank than one batch; ``scale``/``ratio`` out of range.
     """
-    from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
-
     _fix_ffcv_os_cache_reader()
     threads = torch_threads or torch.get_num_threads()
-    decoder = RandomResizedCropRGBImageDecoder((img_size, img_size), scale=tuple(scale), ratio=tuple(ratio))
-    loader = Loader(
+    decoder = SeededRRCDecoder((img_size, img_size), scale=scale, ratio=ratio, flip_prob=0.5 if hflip else 0.0)
+    loader = _ResumableLoader(
         str(_check_beton(path)), batch_size=batch_size, num_workers=num_workers, order=OrderOption.RANDOM,
         distributed=distributed, seed=seed, drop_last=True, os_cache=os_cache, batches_ahead=batches_ahead,
-        pipelines=_pipelines(decoder, device=device, hflip=hflip),
+        pipelines=_pipelines(decoder, device=device), seeded_decoders=(decoder,),
     )
     if len(loader) == 0:
         raise ValueError(f"{path}: fewer images per rank than one batch of {batch_size} (lower train.micro_batch)")
@@ -168,19 +482,15 @@ def build_val_loader(
     """Sequential evaluation loader; rank r reads images r, r + W, ... so every image is counted exactly once
     (FFCV's distributed mode pads with repeats, like ``DistributedSampler``).
     """
-    from ffcv.fields.decoders import CenterCropRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
-    from ffcv.reader import Reader
-
     _fix_ffcv_os_cache_reader()
     threads = torch_threads or torch.get_num_threads()
     p = str(_check_beton(path))
     n = Reader(p).num_samples
     decoder = CenterCropRGBImageDecoder((img_size, img_size), ratio=crop_ratio)
-    loader = Loader(
+    loader = _ResumableLoader(
         p, batch_size=batch_size, num_workers=num_workers, order=OrderOption.SEQUENTIAL, drop_last=False,
         indices=np.arange(rank, n, world_size, dtype=np.uint64), os_cache=os_cache,  # int64 would mix with
         # FFCV's uint64 offsets and promote to float64 (numpy rule), which its numba decoder rejects
-        pipelines=_pipelines(decoder, device=device, hflip=False),
+        pipelines=_pipelines(decoder, device=device),
     )
     return FFCVLoader(loader, decoder, device=device, torch_threads=threads)

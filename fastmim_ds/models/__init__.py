@@ -7,8 +7,14 @@ from ..config import MaskCfg, MIMModelCfg
 from ..targets import build_target
 from .adapters import ADAPTERS, adapter_for
 from .mim import FastMIM, TokenDecoder, _init_xavier
+from .mixmim import MixMIM, MixMIMAdapter, MixMIMTransformer, build_mixmim
 
-__all__ = ["METHODS", "create_mim_model", "adapter_for", "ADAPTERS", "FastMIM", "TokenDecoder"]
+__all__ = [
+    "METHODS", "create_mim_model", "adapter_for", "ADAPTERS", "FastMIM", "TokenDecoder", "MixMIM", "MixMIMTransformer",
+]
+
+# MixMIM backbones are registered in timm by importing .mixmim (timm module name "mixmim")
+ADAPTERS["mixmim"] = MixMIMAdapter()
 
 
 def _init_encoder(encoder: nn.Module) -> None:
@@ -25,6 +31,8 @@ def build_fastmim(model: MIMModelCfg, mask: MaskCfg, img_size: int) -> FastMIM:
     """FastMIM model from its config sections; validates ``img_size`` (ValueError with the reason)."""
     adapter = adapter_for(model.encoder)
     encoder = adapter.create(model.encoder, img_size=img_size, drop_path=model.drop_path, **model.encoder_kwargs)
+    if model.encoder_blocks:  # FastMIM finding ii: pre-train the first k blocks; fine-tuning initialises the rest
+        adapter.truncate(encoder, model.encoder_blocks)
     _init_encoder(encoder)
     target = build_target(
         model.target, normalize=model.norm_pix_loss, hog_bins=model.hog_bins, hog_cell=model.hog_cell
@@ -40,6 +48,7 @@ def build_fastmim(model: MIMModelCfg, mask: MaskCfg, img_size: int) -> FastMIM:
 # method name -> builder(model_cfg, mask_cfg, img_size); picked once, an unknown name lists the choices.
 METHODS = {
     "fastmim": build_fastmim,
+    "mixmim": build_mixmim,
 }
 
 

@@ -1,16 +1,17 @@
 """Fine-tuning classifiers: the timm model of the pre-trained encoder's family, loaded with its weights.
 
-Follows FastMIM/MAE ``main_finetune.py``: strip the MIM wrapper (decoder, mask token), resample position tables
-to the new grid, ``load_state_dict(strict=False)``, re-initialise the head with trunc_normal(std=2e-5).
-Unlike the reference, every key is accounted for: anything missing besides the head, or unexpected, is
-reported (and missing encoder weights are logged as "not pre-trained").
+Follows FastMIM/MAE ``main_finetune.py``: strip the MIM wrapper (decoder, mask token), let the family's adapter
+map the weights (ViT: resample the position embedding to the new grid; Swin: resample relative-position bias
+tables to the new window and drop the buffers the model rebuilds), ``load_state_dict(strict=False)``,
+re-initialise the head with trunc_normal(std=2e-5). The classifier is always the full architecture. Unlike the
+reference, every key is accounted for: anything missing besides the head (e.g. the blocks a truncated
+pre-training removed, ``model.encoder_blocks``), or unexpected, is reported and logged ("not pre-trained").
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
 
-import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
@@ -65,13 +66,16 @@ def create_classifier(cfg: ClassifierCfg, *, num_classes: int, img_size: int) ->
     head = _head_keys(model)
     if state is not None:
         state = adapter.adapt_state_dict(state, model)
+        own = model.state_dict()
+        # checked before loading: load_state_dict raises a RuntimeError on a shape mismatch even when not strict
+        shape_err = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                     if k in own and own[k].shape != v.shape]
+        if shape_err:
+            raise ValueError(f"pre-trained weights do not fit {name}: {'; '.join(shape_err[:3])}")
         result = model.load_state_dict(state, strict=False)
         report.missing = [k for k in result.missing_keys if k not in head]
         report.unexpected = list(result.unexpected_keys)
         report.loaded = [k for k in state if k not in result.unexpected_keys]
-        shape_err = [k for k in report.loaded if k in model.state_dict() and model.state_dict()[k].shape != state[k].shape]
-        if shape_err:
-            raise ValueError(f"pre-trained weights do not fit {name}: {shape_err[:3]}")
         logger.info("loaded %d pre-trained tensors from %s into %s", len(report.loaded), cfg.pretrained, name)
         if report.missing:
             logger.warning("not pre-trained (random init): %s", ", ".join(report.missing))

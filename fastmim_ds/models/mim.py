@@ -119,6 +119,15 @@ class FastMIM(nn.Module):
         self.adapter.check_img_size(self.encoder, img_size)
         self.target.check((img_size, img_size), self.stride)
 
+    def set_img_size(self, img_size: int) -> None:
+        """Prepares the encoder for (B, 3, img_size, img_size) inputs (FastMIM-P stages; Swin windows).
+
+        Raises:
+            ValueError: ``img_size`` does not fit the mask grid, the encoder or the target.
+        """
+        self.check_img_size(img_size)
+        self.adapter.set_img_size(self.encoder, img_size)
+
     def no_weight_decay(self) -> set[str]:
         """Full parameter names without weight decay besides 1-D params (position/cls tokens, mask token)."""
         return {f"encoder.{n}" for n in self.adapter.no_weight_decay(self.encoder)} | {"mask_token"}

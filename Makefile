@@ -12,11 +12,19 @@ MASTER_PORT ?= 29500
 DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 export DS_ACCELERATOR
 
-CONFIG     ?= configs/fastmim_vit_base_128_800ep.yaml
-FT_CONFIG  ?= configs/finetune_vit_base_224_100ep.yaml
+# METHOD picks the default recipes (fastmim: ViT-B 128 px; mixmim: MixMIM-B 224 px); CONFIG/FT_CONFIG override them.
+METHOD     ?= fastmim
+CONFIG     ?= $(if $(filter mixmim,$(METHOD)),configs/mixmim_base_224_600ep.yaml,configs/fastmim_vit_base_128_800ep.yaml)
+FT_CONFIG  ?= $(if $(filter mixmim,$(METHOD)),configs/finetune_mixmim_base_224_100ep.yaml,configs/finetune_vit_base_224_100ep.yaml)
+LP_CONFIG  ?= configs/linprobe_vit_base_224_90ep.yaml
 SET        ?=
 RESUME     ?=
 PRETRAINED ?=
+# export / visualize / predict: CKPT = run folder or checkpoint tag
+CKPT       ?=
+EXPORT     ?= model.safetensors
+IMAGES     ?=
+VIS_OUT    ?= reconstructions.png
 OUTPUT_DIR ?=
 # Dataset conversion
 IMAGENET   ?=
@@ -31,7 +39,7 @@ DATA       ?=
 LAUNCH = $(VENV)/bin/deepspeed $(if $(HOSTFILE),--hostfile $(HOSTFILE),--num_gpus $(NUM_GPUS)) --master_port $(MASTER_PORT) --module fastmim_ds
 OVERRIDES = $(foreach s,$(SET),--set $(s)) $(if $(OUTPUT_DIR),--set train.output_dir=$(OUTPUT_DIR))
 
-.PHONY: help install test test-gpu lint demo prepare-imagenet prepare-data pretrain finetune clean
+.PHONY: help install test test-gpu lint demo prepare-imagenet prepare-data pretrain finetune linprobe export visualize bench clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -70,6 +78,25 @@ pretrain:  ## CONFIG=configs/....yaml SET="k=v ..." NUM_GPUS=8 [HOSTFILE=hosts] 
 finetune:  ## PRETRAINED=<run dir or checkpoint> FT_CONFIG=configs/....yaml SET="k=v ..."
 	$(CLI) check finetune --config $(FT_CONFIG) $(OVERRIDES) --world-size $(NUM_GPUS) $(if $(HOSTFILE),--hostfile $(HOSTFILE)) $(if $(PRETRAINED),--pretrained $(PRETRAINED))
 	$(LAUNCH) finetune --config $(FT_CONFIG) $(OVERRIDES) $(if $(PRETRAINED),--pretrained $(PRETRAINED)) $(if $(RESUME),--resume $(RESUME))
+
+linprobe:  ## PRETRAINED=<run dir or checkpoint> LP_CONFIG=configs/linprobe_....yaml SET="k=v ..."
+	$(CLI) check linprobe --config $(LP_CONFIG) $(OVERRIDES) --world-size $(NUM_GPUS) $(if $(HOSTFILE),--hostfile $(HOSTFILE)) $(if $(PRETRAINED),--pretrained $(PRETRAINED))
+	$(LAUNCH) linprobe --config $(LP_CONFIG) $(OVERRIDES) $(if $(PRETRAINED),--pretrained $(PRETRAINED)) $(if $(RESUME),--resume $(RESUME))
+
+export:  ## CKPT=<run dir or checkpoint> EXPORT=model.safetensors (or a folder): timm weights + pretrained_cfg
+	@test -n "$(CKPT)" || { echo "error: set CKPT=output/<run> (a run folder or checkpoint tag)"; exit 2; }
+	$(CLI) export $(CKPT) --out $(EXPORT)
+
+visualize:  ## CKPT=<pre-training run> IMAGES=<folder> VIS_OUT=grid.png: input | masked | target | prediction
+	@test -n "$(CKPT)" -a -n "$(IMAGES)" || { echo "error: set CKPT=output/<pre-training run> IMAGES=<folder>"; exit 2; }
+	$(CLI) visualize $(CKPT) --images $(IMAGES) --out $(VIS_OUT)
+
+# `make bench`: CPU (~15 min on 2 cores); BENCH_DEVICE=cuda on a GPU machine adds its numbers to the same report.
+BENCH_DEVICE ?= $(if $(filter cuda,$(DS_ACCELERATOR)),cuda,cpu)
+
+bench:  ## speed benchmarks -> benchmarks/RESULTS.md + PNG plots (loader, step cost, utilisation, ZeRO memory, scaling)
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m benchmarks.run_all --device $(BENCH_DEVICE)
 
 clean:
 	rm -rf .pytest_cache build *.egg-info

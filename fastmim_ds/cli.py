@@ -1,8 +1,9 @@
-"""``fastmim-ds`` command line: prepare, check, pretrain, finetune.
+"""``fastmim-ds`` command line: prepare, check, pretrain, finetune, linprobe, export, visualize, predict.
 
 Every training command takes ``--config FILE`` (YAML holding what differs from the defaults) and any number of
 ``--set section.key=value`` overrides; ``check`` validates a config for a world size before anything launches.
 Configuration errors print one line (``config error: <key>: <problem>``) and exit with status 2.
+``export``, ``visualize`` and ``predict`` run in one process on the CPU (no launcher).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import ConfigError, FinetuneCfg, PretrainCfg, dump_yaml, load_config
+from .config import ConfigError, FinetuneCfg, LinprobeCfg, PretrainCfg, load_config
 
 __all__ = ["main", "hostfile_world_size"]
 
@@ -40,6 +41,46 @@ def _finetune_overrides(args) -> list[str]:
     return args.set + ([f"model.pretrained={args.pretrained}"] if getattr(args, "pretrained", None) else [])
 
 
+PREPARE_EXIT_STATUS = ("exit status: 0 every image converted; 1 converted, but some images were skipped (listed in "
+                       "<out>/<split>_skipped.tsv); 2 bad arguments or source folder; 3 a split could not be written "
+                       "or failed verification (no beton is left under its final name)")
+
+
+def _int_in(lo: int, hi: int | None):
+    """argparse ``type``: an int in [lo, hi] (hi None: unbounded); anything else is a usage error (exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: '{text}'") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{v} is outside [{lo}, {'inf' if hi is None else hi}]")
+        return v
+
+    return parse
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    """``fastmim-ds prepare``: converts, prints one summary line per split; returns the exit status."""
+    from .data.convert import ConversionError, convert_image_folder
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        reports = convert_image_folder(args.src, args.out, max_res=args.max_res, jpeg_quality=args.jpeg_quality,
+                                       write_mode=args.write_mode, num_workers=args.workers)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except ValueError as e:  # e.g. train/ and val/ with different class folders
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for r in reports:
+        print(f"{r.split}: {r.written} written, {len(r.skipped)} skipped -> {r.beton} (skipped: {r.skipped_file})")
+    print(f"verified per-class counts: {Path(args.out) / 'classes.json'}")
+    return 1 if any(r.skipped for r in reports) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmim-ds", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -47,16 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="convert an ImageFolder (train/, val/) into FFCV .beton files",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=PREPARE_EXIT_STATUS)
     p.add_argument("--src", required=True, help="folder with train/<class>/* and val/<class>/*")
     p.add_argument("--out", required=True, help="output folder for train.beton, val.beton, classes.json")
-    p.add_argument("--max-res", type=int, default=256, help="longest stored side in px (0 = keep)")
-    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--max-res", type=_int_in(0, None), default=256, help="longest stored side in px (0 = keep)")
+    p.add_argument("--jpeg-quality", type=_int_in(1, 100), default=90)
     p.add_argument("--write-mode", default="jpg", choices=["jpg", "raw", "smart", "proportion"])
-    p.add_argument("--workers", type=int, default=-1, help="conversion threads/processes (-1 = all cores)")
+    p.add_argument("--workers", type=_int_in(-1, None), default=-1,
+                   help="conversion threads/processes (-1 or 0 = all cores)")
 
     p = sub.add_parser("check", help="validate a config before launching", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("kind", choices=["pretrain", "finetune"])
+    p.add_argument("kind", choices=["pretrain", "finetune", "linprobe"])
     _add_config_args(p)
     p.add_argument("--world-size", type=int, default=1, help="ranks per node (NUM_GPUS)")
     p.add_argument("--hostfile", default=None, help="DeepSpeed hostfile; its slots give the world size")
@@ -72,25 +114,74 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--pretrained", default=None, help="pre-training run folder, checkpoint or .pth/.safetensors")
     p.add_argument("--resume", default=None, help="'auto' or a checkpoint tag folder")
+
+    p = sub.add_parser("linprobe", help="linear probe of the frozen pre-trained encoder (run under `deepspeed`)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_config_args(p)
+    p.add_argument("--pretrained", default=None, help="pre-training run folder, checkpoint or .pth/.safetensors")
+    p.add_argument("--resume", default=None, help="'auto' or a checkpoint tag folder")
+
+    p = sub.add_parser("export", help="write a run's weights as timm weights (.safetensors + pretrained_cfg)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       epilog="pre-training runs give the encoder (no head); fine-tuning and linear-probe runs the "
+                              "classifier with its class names")
+    p.add_argument("checkpoint", help="run folder, <run>/ckpt or a checkpoint tag folder")
+    p.add_argument("--out", default="model.safetensors",
+                   help="a .safetensors file, or a folder (model.safetensors + config.json: timm 'local-dir:')")
+
+    p = sub.add_parser("visualize", help="reconstruction grid of a pre-training run: input, masked, target, prediction",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="pre-training run folder, <run>/ckpt or a checkpoint tag folder")
+    p.add_argument("--images", required=True, nargs="+", help="image files and/or folders (searched recursively, "
+                   "sorted); the first --num-images are shown")
+    p.add_argument("--out", default="reconstructions.png", help="PNG to write")
+    p.add_argument("--num-images", type=_int_in(1, 64), default=4, help="rows (the first images of --images)")
+    p.add_argument("--seed", type=_int_in(0, None), default=0, help="mask seed")
+    p.add_argument("--panel", type=_int_in(16, 1024), default=128, help="panel side in px")
+
+    p = sub.add_parser("predict", help="classify images with a fine-tuned run or an exported classifier",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("weights", help="fine-tuning/linear-probe run (or checkpoint tag), or exported .safetensors/folder")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--topk", type=_int_in(1, None), default=1, help="classes printed per image")
     return parser
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export, timm_call
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    weights, config = export(args.checkpoint, args.out)
+    kind = config["fastmim_ds"]["kind"]
+    print(f"exported {config['architecture']} ({kind}, {config['num_classes']} classes) -> {weights}")
+    print(f"load with timm (import fastmim_ds.models first for mixmim_* models):\n  {timm_call(args.out, config)}")
+    return 0
+
+
+def _visualize(args: argparse.Namespace) -> int:
+    from .visualize import visualize
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    print(visualize(args.checkpoint, args.images, args.out, num_images=args.num_images, seed=args.seed,
+                    panel=args.panel))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .inference import Predictor
+
+    predictor = Predictor.load(args.weights)
+    for image in args.images:
+        top = predictor.predict(image, topk=args.topk)
+        print(f"{image}\t" + "\t".join(f"{p.index}:{p.name}:{p.score:.4f}" for p in top))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "prepare":
-            logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-            from .data.convert import convert_image_folder
-
-            reports = convert_image_folder(args.src, args.out, max_res=args.max_res, jpeg_quality=args.jpeg_quality,
-                                           write_mode=args.write_mode, num_workers=args.workers)
-            for r in reports:
-                counts = ", ".join(f"{c}: {n}" for c, n in r.per_class.items())
-                print(f"{r.split}: {r.written} images, {len(r.skipped)} skipped -> {Path(args.out) / (r.split + '.beton')}")
-                print(f"  per class: {counts}")
-                if r.skipped:
-                    print(f"  skipped files listed in {Path(args.out) / (r.split + '_skipped.tsv')}")
-            return 1 if any(r.skipped for r in reports) else 0
+            return _prepare(args)
         if args.command == "check":
             from .validate import check_finetune, check_pretrain
 
@@ -98,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.kind == "pretrain":
                 cfg = load_config(PretrainCfg, args.config, args.set)
                 derived = check_pretrain(cfg, world)
+            elif args.kind == "linprobe":
+                from .linprobe import check_linprobe
+
+                derived = check_linprobe(load_config(LinprobeCfg, args.config, _finetune_overrides(args)), world)
             else:
                 cfg = load_config(FinetuneCfg, args.config, _finetune_overrides(args))
                 derived = check_finetune(cfg, world)
@@ -114,12 +209,29 @@ def main(argv: list[str] | None = None) -> int:
 
             finetune.main(load_config(FinetuneCfg, args.config, _finetune_overrides(args)), resume=args.resume)
             return 0
+        if args.command == "linprobe":
+            from . import linprobe
+
+            linprobe.main(load_config(LinprobeCfg, args.config, _finetune_overrides(args)), resume=args.resume)
+            return 0
+        if args.command in ("export", "visualize", "predict"):
+            try:
+                return {"export": _export, "visualize": _visualize, "predict": _predict}[args.command](args)
+            except ValueError as e:  # a checkpoint of the wrong kind, weights that do not fit the architecture
+                print(f"error: {e}", file=sys.stderr)
+                return 2
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # unwritable output dir, no room for a checkpoint (checked before training)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:  # engine.TrainingDiverged: names the step, lr and last good checkpoint
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -42,8 +42,16 @@ def load_ds_config(path: str) -> dict:
     return cfg
 
 
-def build_ds_config(train: TrainCfg, *, clip_grad: float, world_size: int) -> dict:
-    """The engine config passed to ``deepspeed.initialize`` (batch triple consistent by construction)."""
+def build_ds_config(train: TrainCfg, *, clip_grad: float, world_size: int, run_dir: Path | None = None) -> dict:
+    """The engine config passed to ``deepspeed.initialize`` (batch triple consistent by construction).
+
+    With ``train.tensorboard`` / ``train.csv_monitor`` and a ``run_dir``, DeepSpeed's monitors write to
+    ``<run_dir>/tensorboard/`` and ``<run_dir>/csv/`` (DeepSpeed ``tensorboard`` / ``csv_monitor`` sections:
+    ``output_path`` + ``job_name``); rank 0 only.
+
+    Raises:
+        ConfigError: ``train.tensorboard`` without the ``tensorboard`` package.
+    """
     cfg = load_ds_config(train.ds_config)
     cfg.update(
         train_micro_batch_size_per_gpu=train.micro_batch,
@@ -51,6 +59,16 @@ def build_ds_config(train: TrainCfg, *, clip_grad: float, world_size: int) -> di
         train_batch_size=train.micro_batch * train.grad_accum * world_size,
         gradient_clipping=clip_grad,  # explicit: DeepSpeed >= 0.19.3 defaults it to 1.0
     )
+    if run_dir is not None:
+        if train.tensorboard:
+            try:
+                import tensorboard  # noqa: F401  (DeepSpeed's TensorBoardMonitor imports it on rank 0 only)
+            except ImportError:
+                raise ConfigError("train.tensorboard: needs the tensorboard package "
+                                  "(pip install tensorboard, or the project's [monitor] extra)") from None
+            cfg["tensorboard"] = {"enabled": True, "output_path": str(run_dir), "job_name": "tensorboard"}
+        if train.csv_monitor:
+            cfg["csv_monitor"] = {"enabled": True, "output_path": str(run_dir), "job_name": "csv"}
     return cfg
 
 

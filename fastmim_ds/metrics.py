@@ -1,4 +1,5 @@
-"""Run metrics: ``metrics.jsonl`` rows (rank 0), cross-rank averages, a tqdm bar with img/s."""
+"""Run metrics: ``metrics.jsonl`` rows (rank 0), forwarded to DeepSpeed's monitors, cross-rank averages, a tqdm bar
+with img/s and ETA."""
 from __future__ import annotations
 
 import json
@@ -25,11 +26,22 @@ class MetricsWriter:
 
     Rows carry ``step`` (optimizer steps), ``epoch`` and ``epoch_1000x`` (MAE: an integer x-axis that compares
     runs of different batch sizes) when given.
+
+    Args:
+        path: the ``metrics.jsonl`` file; ``None`` disables writing.
+        enabled: write at all (rank 0).
+        monitor: DeepSpeed's ``engine.monitor`` (``MonitorMaster``); when enabled (``train.tensorboard`` /
+            ``train.csv_monitor``), every numeric field of a row except the x-axes goes to it as
+            ``("Train/<key>", value, step)``; rows without ``step`` (epoch summaries) use the last step written.
     """
 
-    def __init__(self, path: Path | None, *, enabled: bool):
+    X_AXES = ("step", "epoch", "epoch_1000x", "epoch_end", "relative_time")
+
+    def __init__(self, path: Path | None, *, enabled: bool, monitor=None):
         self.path, self.enabled = path, enabled and path is not None
+        self.monitor = monitor if enabled and monitor is not None and getattr(monitor, "enabled", False) else None
         self.t0 = time.time()
+        self.last_step = 0
 
     def write(self, **row) -> None:
         if not self.enabled:
@@ -37,9 +49,25 @@ class MetricsWriter:
         row = {"relative_time": round(time.time() - self.t0, 3), **row}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        self.last_step = int(row.get("step", self.last_step))
+        if self.monitor is not None:
+            events = [(f"Train/{k}", float(v), self.last_step) for k, v in row.items()
+                      if k not in self.X_AXES and isinstance(v, (int, float)) and not isinstance(v, bool)]
+            if events:
+                self.monitor.write_events(events)
 
 
-def progress(iterable, *, total: int, desc: str, enabled: bool):
-    """tqdm bar with the given description, shown only where ``enabled`` (rank 0)."""
+def progress(iterable, *, total: int, desc: str, enabled: bool, images_per_item: int | None = None):
+    """tqdm bar with rate and ETA, shown only where ``enabled`` (rank 0).
+
+    The bar counts images (rate in img/s, summed over ranks) when ``images_per_item`` is given or the iterable
+    has a ``loader.batch_size`` (:class:`~fastmim_ds.data.loaders.FFCVLoader`): one item = one batch per rank,
+    scaled by the world size. Otherwise it counts items (it/s).
+    """
+    if images_per_item is None:
+        images_per_item = getattr(getattr(iterable, "loader", None), "batch_size", None)
+        if images_per_item is not None and dist.is_initialized():
+            images_per_item *= dist.get_world_size()
+    unit = dict(unit="img", unit_scale=images_per_item) if images_per_item else dict(unit="it")
     return tqdm(iterable, total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False,
-                mininterval=2.0, unit="it")
+                mininterval=2.0, **unit)

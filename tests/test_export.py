@@ -1,0 +1,217 @@
+"""Export to timm: DeepSpeed ZeRO-2 checkpoints (1 rank, in-process) -> .safetensors -> plain ``timm.create_model``.
+
+Features (encoders) and logits (classifiers) of the re-created timm model equal those of the trained module on the
+same input; the file carries timm's pretrained_cfg (input size, mean/std) and a classifier's class names.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from fastmim_ds.checkpoint import save
+from fastmim_ds.config import ClassifierCfg, FinetuneCfg, PretrainCfg, load_config, to_dict
+from fastmim_ds.export import (
+    create_model_from_export, export, fold_probe_head, read_checkpoint_model, read_export_config, timm_call,
+)
+from fastmim_ds.models import create_mim_model
+from fastmim_ds.models.classifier import create_classifier
+
+pytestmark = [pytest.mark.usefixtures("one_rank_group"), pytest.mark.timeout(300)]
+
+TINY_VIT = ["model.encoder_kwargs={embed_dim: 64, depth: 2, num_heads: 2}", "data.img_size=64"]
+TINY_SWIN = ["model.encoder=swin_tiny_patch4_window7_224", "data.img_size=128", "mask.block_size=32",
+             "model.encoder_kwargs={embed_dim: 32, depths: [1, 1, 2, 1], num_heads: [1, 2, 2, 4], window_size: 4}",
+             "model.decoder_dim=64"]
+TINY_MIXMIM = ["method=mixmim", "model.encoder=mixmim_tiny_test", "data.img_size=64", "mask.block_size=32",
+               "mask.ratio=0.5", "model.target=pixel", "model.decoder_dim=32", "model.decoder_depth=1"]
+CLASSES = ["cat", "dog", "emu"]
+
+
+def save_with_engine(model: torch.nn.Module, ckpt_dir: Path, client: dict, *, steps: int = 1, stage: int = 2,
+                     img_size: int = 64, batch: int = 2) -> object:
+    """Wraps ``model`` in a 1-rank DeepSpeed engine (ZeRO ``stage``, fp32), takes ``steps`` AdamW steps on random
+    images (so the saved fp32 master weights are the trained ones) and saves a complete checkpoint."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    cfg = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+           "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=1e-2), config=cfg)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        out = engine(torch.randn(batch, 3, img_size, img_size, generator=g))
+        loss = out["loss"] if isinstance(out, dict) else out.float().pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+    save(engine, ckpt_dir, tag=f"step{steps:08d}", client_state={**client, "epoch": 1, "global_step": steps},
+         keep_last=1)
+    return engine
+
+
+def pretrain_run(tmp_path: Path, overrides: list[str]) -> tuple[PretrainCfg, torch.nn.Module, Path]:
+    """A pre-training run folder ``tmp_path/run`` with one ZeRO-2 checkpoint; returns (cfg, trained MIM model, run)."""
+    cfg = load_config(PretrainCfg, None, overrides)
+    torch.manual_seed(0)
+    mim = create_mim_model(cfg.method, cfg.model, cfg.mask, cfg.data.img_size)
+    run = tmp_path / "run"
+    engine = save_with_engine(mim, run / "ckpt", {"config": to_dict(cfg), "method": cfg.method},
+                              img_size=cfg.data.img_size)
+    return cfg, engine.module.eval(), run
+
+
+def finetune_run(tmp_path: Path, *, name: str = "vit_base_patch16_224", img_size: int = 64,
+                 kwargs: dict | None = None) -> tuple[torch.nn.Module, Path]:
+    """A fine-tuning run folder with a 3-class classifier checkpoint (class names stored as finetune.py does)."""
+    kwargs = kwargs if kwargs is not None else {"embed_dim": 64, "depth": 2, "num_heads": 2}
+    cfg = load_config(FinetuneCfg, None, [f"model.name={name}", f"data.img_size={img_size}"])
+    cfg.model.kwargs.update(kwargs)
+    torch.manual_seed(0)
+    clf, _ = create_classifier(ClassifierCfg(name=name, kwargs=kwargs), num_classes=len(CLASSES), img_size=img_size)
+    torch.nn.init.normal_(clf.get_classifier().weight, std=0.5)  # a head that separates the classes
+    run = tmp_path / "ft"
+    client = {"config": to_dict(cfg), "classes": CLASSES, "num_classes": len(CLASSES), "model_name": name,
+              "pretrain_config": {}}
+    engine = save_with_engine(clf, run / "ckpt", client, img_size=img_size)
+    return engine.module.eval(), run
+
+
+def _images(size: int, n: int = 2) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("overrides, family", [(TINY_VIT, "vit"), (TINY_SWIN, "swin"), (TINY_MIXMIM, "mixmim")])
+def test_pretrain_export_loads_in_plain_timm_with_equal_features(tmp_path, overrides, family):
+    cfg, mim, run = pretrain_run(tmp_path, overrides)
+    out = tmp_path / "model.safetensors"
+    weights, config = export(run, out)
+    assert weights == out and out.is_file()
+    pcfg = config["pretrained_cfg"]
+    size = cfg.data.img_size
+    assert tuple(pcfg["input_size"]) == (3, size, size) and pcfg["num_classes"] == 0
+    assert tuple(pcfg["mean"]) == pytest.approx((0.485, 0.456, 0.406)) and tuple(pcfg["std"]) == pytest.approx(
+        (0.229, 0.224, 0.225))
+    assert config["architecture"] == cfg.model.encoder and "tag" not in pcfg or pcfg.get("tag") == "fastmim_ds"
+    # the loading call of the issue: plain timm, the file as pretrained weights, the encoder's kwargs
+    kwargs = config["model_args"]
+    model = timm.create_model(cfg.model.encoder, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(out), num_classes=0), **kwargs).eval()
+    assert not list(model.get_classifier().parameters())  # no head: num_classes=0
+    assert not any(k.startswith(("decoder", "mask_token")) for k in model.state_dict())
+    x = _images(size)
+    with torch.no_grad():
+        ours = mim.encoder.forward_features(x)
+        theirs = model.forward_features(x)
+        assert torch.allclose(ours, theirs, atol=1e-6, rtol=0), (ours - theirs).abs().max()
+        pooled = model(x)  # (B, C) pooled features (num_classes=0)
+        assert pooled.shape == (2, model.num_features) and torch.isfinite(pooled).all()
+    # every saved tensor is a trained one: it equals the engine's module weight under the same timm name
+    enc = mim.encoder.state_dict()
+    for k, v in model.state_dict().items():
+        if k in enc:
+            assert torch.equal(v, enc[k].float()), k
+    assert create_model_from_export(out).state_dict().keys() == model.state_dict().keys()
+    assert f"pretrained_cfg_overlay=dict(file='{out}'" in timm_call(out)
+
+
+def test_vit_export_folder_is_a_timm_local_dir_and_resamples_pos_embed(tmp_path):
+    _, mim, run = pretrain_run(tmp_path, TINY_VIT)
+    folder = tmp_path / "export"
+    weights, _ = export(run, folder)
+    assert weights == folder / "model.safetensors" and (folder / "config.json").is_file()
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    x = _images(64)
+    with torch.no_grad():
+        assert torch.allclose(model.forward_features(x), mim.encoder.forward_features(x), atol=1e-6, rtol=0)
+    # another input size: timm's checkpoint_filter_fn resamples the 4x4 sin-cos table to 6x6 (bicubic)
+    big = create_model_from_export(weights, img_size=96)
+    assert big.pos_embed.shape == (1, 1 + 36, 64)
+    with torch.no_grad():
+        assert big.forward_features(_images(96)).shape == (2, 37, 64)
+
+
+def test_truncated_encoder_exports_as_shallower_model(tmp_path):
+    cfg, mim, run = pretrain_run(tmp_path, [*TINY_VIT, "model.encoder_kwargs={embed_dim: 64, depth: 3, num_heads: 2}",
+                                            "model.encoder_blocks=2"])
+    cm = read_checkpoint_model(run)
+    assert cm.model_args["depth"] == 2 and any("truncated" in n for n in cm.notes)
+    out = tmp_path / "trunc.safetensors"
+    _, config = export(run, out)
+    assert config["model_args"]["depth"] == 2 and "truncated" in config["fastmim_ds"]["notes"][0]
+    model = create_model_from_export(out)
+    x = _images(64)
+    with torch.no_grad():
+        assert torch.allclose(model.forward_features(x), mim.encoder.forward_features(x), atol=1e-6, rtol=0)
+
+
+def test_finetune_export_keeps_head_and_class_names(tmp_path):
+    clf, run = finetune_run(tmp_path)
+    out = tmp_path / "clf.safetensors"
+    _, config = export(run, out)
+    assert config["label_names"] == CLASSES and config["pretrained_cfg"]["num_classes"] == 3
+    assert read_export_config(out) == config
+    model = create_model_from_export(out)
+    assert model.pretrained_cfg["label_names"] == tuple(CLASSES) or list(model.pretrained_cfg["label_names"]) == CLASSES
+    x = _images(64, n=4)
+    with torch.no_grad():
+        assert torch.allclose(model(x), clf(x), atol=1e-5, rtol=0)
+    # without num_classes in the overlay, timm would drop a head of another class count than its registered default:
+    # the overlay from the export keeps it
+    assert torch.equal(model.head.weight, clf.head.weight.float())
+
+
+def test_fold_probe_head_matches_batchnorm_then_linear():
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm1d(8, affine=False, eps=1e-6)
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2.0)
+    lin = torch.nn.Linear(8, 3)
+    head = torch.nn.Sequential(bn, lin).eval()
+    state = {f"head.{k}": v for k, v in head.state_dict().items()}
+    folded = fold_probe_head(state, "head")
+    assert set(folded) == {"head.weight", "head.bias"}
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        ref = head(x)
+    assert torch.allclose(x @ folded["head.weight"].t() + folded["head.bias"], ref, atol=1e-5)
+
+
+def test_export_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        export(tmp_path / "nothing", tmp_path / "x.safetensors")
+    plain = tmp_path / "plain.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(plain))
+    with pytest.raises(ValueError, match="fastmim-ds export"):
+        read_export_config(plain)
+
+
+@pytest.mark.parametrize("command, shown", [
+    ("export", "(default: model.safetensors)"),
+    ("visualize", "(default: reconstructions.png)"),
+    ("predict", "(default: 1)"),
+    ("linprobe", "--pretrained"),
+])
+def test_cli_help_shows_defaults(capsys, command, shown):
+    from fastmim_ds.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert shown in " ".join(capsys.readouterr().out.split())
+
+
+def test_cli_export_prints_the_timm_call(tmp_path, capsys):
+    from fastmim_ds.cli import main
+
+    cfg, _, run = pretrain_run(tmp_path, TINY_VIT)
+    out = tmp_path / "e.safetensors"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"-> {out}" in printed and "timm.create_model('vit_base_patch16_224', pretrained=True" in printed
+    assert "depth=2" in printed and "global_pool='avg'" in printed
+    assert main(["export", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert main(["visualize", str(run), "--images", str(tmp_path / "none")]) == 2

@@ -1,0 +1,1 @@
+"""Benchmarks behind the README's speed claims (issue 6): scripts, not tests. ``make bench`` runs them all."""

@@ -1,0 +1,297 @@
+"""Pre-training step cost (issue 6, parts 2 and 3): FastMIM vs SimMIM-style vs MAE-style on the same backbone.
+
+One optimizer step = forward + ``engine.backward`` + ``engine.step`` under the same DeepSpeed engine config
+(``ds_configs/zero2_fp32.json`` on CPU, ``zero2_bf16.json`` on GPU; AdamW groups from ``fastmim_ds.optim``), on
+random normalised images already on the device (the loader is benchmarked separately):
+
+* FastMIM (the product, ``fastmim_ds.models.create_mim_model("fastmim", ...)``) at 128 px, HOG target;
+* SimMIM-style at 224 px (C-dim mask token, all tokens encoded, pixel head, L1), :mod:`benchmarks.baselines`;
+* MAE-style at 224 px (25% visible tokens encoded, 8 x 512-d decoder, norm-pix MSE); ViT only.
+
+Per family (ViT-B/16; Swin-B) the methods run interleaved, round after round (A, B, C, A, B, C, ...), so a load
+change on a shared machine hits all of them alike; the median step time per method is reported with the ratios.
+
+Also measured in the same run:
+
+* HOG share: time inside FastMIM's ``HOGTarget`` during the real steps (forward hooks, device-synchronised) over the
+  step time, plus the HOG target timed alone on the same batch;
+* utilisation: model FLOPs of forward + backward (``torch.utils.flop_counter``) per step time, over the peak dense
+  matmul throughput measured right before each round (fp32 and bf16), median over rounds;
+* a ``torch.profiler`` table of one FastMIM step (where the time goes).
+
+Usage: ``python -m benchmarks.bench_step [--device cuda] [--families vit swin] [--batch N] [--rounds R]``.
+Writes ``benchmarks/results/<device>/step.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.baselines import create_baseline
+from benchmarks.common import (
+    DTYPES,
+    REPO,
+    add_device_args,
+    build_engine,
+    count_flops,
+    machine_info,
+    median,
+    one_rank_group,
+    peak_matmul,
+    random_images,
+    setup_device,
+    sync,
+    timed,
+    train_step,
+    write_result,
+)
+from fastmim_ds.config import MaskCfg, MIMModelCfg
+from fastmim_ds.models import create_mim_model
+
+logger = logging.getLogger("bench_step")
+
+# Per family: the encoder, FastMIM's released recipe (METHODS.md 1.1) and the baselines' resolution/kwargs.
+FAMILIES = {
+    "vit": {
+        "label": "ViT-B/16",
+        "encoder": "vit_base_patch16_224",
+        "fastmim": {"model": MIMModelCfg(encoder="vit_base_patch16_224", decoder_dim=256, decoder_depth=1),
+                    "mask": MaskCfg(ratio=0.75, block_size=16), "img_size": 128},
+        "baselines": {"simmim": {"img_size": 224, "kwargs": {}}, "mae": {"img_size": 224, "kwargs": {}}},
+    },
+    "swin": {
+        "label": "Swin-B (window 4 at 128 px, 7 at 224 px)",
+        "encoder": "swin_base_patch4_window7_224",
+        "fastmim": {"model": MIMModelCfg(encoder="swin_base_patch4_window7_224", encoder_kwargs={"window_size": 4},
+                                         decoder_dim=256, decoder_depth=4),
+                    "mask": MaskCfg(ratio=0.75, block_size=32), "img_size": 128},
+        "baselines": {"simmim": {"img_size": 224, "kwargs": {}}},
+    },
+}
+
+
+class _HOGTimer:
+    """Device-synchronised wall time spent inside a module's forward (forward pre-hook + hook)."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        self.device, self.seconds, self._t0 = device, 0.0, 0.0
+        self.handles = [module.register_forward_pre_hook(self._start), module.register_forward_hook(self._stop)]
+
+    def _start(self, *_):
+        sync(self.device)
+        self._t0 = time.perf_counter()
+
+    def _stop(self, *_):
+        sync(self.device)
+        self.seconds += time.perf_counter() - self._t0
+
+    def take(self) -> float:
+        s, self.seconds = self.seconds, 0.0
+        return s
+
+
+class _UpdateTimer(_HOGTimer):
+    """Device-synchronised wall time inside the inner torch optimizer's ``step`` (DeepSpeed calls it per group)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device):
+        self.device, self.seconds, self._t0 = device, 0.0, 0.0
+        self.handles = [optimizer.register_step_pre_hook(self._start), optimizer.register_step_post_hook(self._stop)]
+
+
+def optimizer_ab(*, device: torch.device, dtype: str, batch: int, rounds: int, warmup: int) -> dict:
+    """FastMIM ViT-B/16 step with torch's default AdamW ("before") vs the product's fused AdamW ("after"), interleaved.
+
+    Returns ``{"before"/"after": {"step_s", "update_s"}, "batch", "rounds"}`` (medians; update = inner AdamW time).
+    """
+    fam = FAMILIES["vit"]
+    runs = {}
+    for name, fused in (("before", False), ("after", None)):
+        torch.manual_seed(0)
+        model, img_size = _build("fastmim", fam)
+        engine = build_engine(model.to(device), dtype=dtype, micro_batch=batch, fused=fused)
+        timer = _UpdateTimer(getattr(engine.optimizer, "optimizer", engine.optimizer), device)
+        imgs = random_images(batch, img_size, device)
+        for _ in range(warmup):
+            train_step(engine, imgs)
+        runs[name] = {"engine": engine, "imgs": imgs, "timer": timer, "step": [], "update": []}
+    for _ in range(rounds):
+        for run in runs.values():
+            run["timer"].take()
+            run["step"].append(timed(lambda r=run: train_step(r["engine"], r["imgs"]), device))
+            run["update"].append(run["timer"].take())
+    out = {name: {"step_s": median(r["step"]), "update_s": median(r["update"]), "step_s_all": r["step"]}
+           for name, r in runs.items()}
+    fused_flags = {g.get("fused") for g in runs["after"]["engine"].optimizer.param_groups}
+    logger.info("AdamW before %.3f s/step (update %.3f s), after %.3f s/step (update %.3f s); product fused=%s",
+                out["before"]["step_s"], out["before"]["update_s"], out["after"]["step_s"], out["after"]["update_s"],
+                fused_flags)
+    runs.clear()
+    gc.collect()
+    return {**out, "batch": batch, "rounds": rounds, "product_fused": sorted(map(str, fused_flags))}
+
+
+def _build(method: str, fam: dict) -> tuple[torch.nn.Module, int]:
+    if method == "fastmim":
+        spec = fam["fastmim"]
+        return create_mim_model("fastmim", spec["model"], spec["mask"], spec["img_size"]), spec["img_size"]
+    spec = fam["baselines"][method]
+    return create_baseline(method, encoder=fam["encoder"], img_size=spec["img_size"], **spec["kwargs"]), spec["img_size"]
+
+
+def _profile_table(engine, imgs: torch.Tensor, device: torch.device, rows: int = 15) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        train_step(engine, imgs)
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+
+
+def bench_family(name: str, *, device: torch.device, dtype: str, batch: int, rounds: int, steps: int,
+                 warmup: int, profile: bool) -> dict:
+    """Interleaved step timings of FastMIM and the baselines of one backbone family (see module docstring)."""
+    fam = FAMILIES[name]
+    methods = ["fastmim", *fam["baselines"]]
+    runs = {}
+    for method in methods:
+        torch.manual_seed(0)
+        model, img_size = _build(method, fam)
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        probe = random_images(2, img_size, torch.device("cpu"))  # FLOPs do not depend on the device
+        flops, by_op = count_flops(lambda m=model, x=probe: m(x)["loss"].backward())
+        model.zero_grad(set_to_none=True)
+        engine = build_engine(model.to(device), dtype=dtype, micro_batch=batch)
+        imgs = random_images(batch, img_size, device)
+        for _ in range(warmup):  # first steps allocate optimizer state, pick kernels
+            train_step(engine, imgs)
+        sync(device)
+        runs[method] = {"engine": engine, "imgs": imgs, "img_size": img_size, "params_m": n_params / 1e6,
+                        "flops_per_img": flops / 2, "flops_by_op": {k: v / 2 for k, v in by_op.items()},
+                        "times": [], "util_fp32_peak": [], "util_dtype_peak": []}
+        logger.info("%s %s: %d px, %.1fM params, %.1f GFLOP/img (fwd+bwd)", name, method, img_size,
+                    n_params / 1e6, flops / 2 / 1e9)
+
+    fm = runs["fastmim"]
+    target, stride = fm["engine"].module.target, fm["engine"].module.stride
+    hog_timer = _HOGTimer(target, device)
+    hog_in_step, hog_alone, peaks = [], [], []
+    for r in range(rounds):
+        # the peak right before the round: the same machine state (load) as the steps it is compared with
+        peak = {d: peak_matmul(device, DTYPES[d], sizes=(2048,) if device.type == "cpu" else (8192,),
+                               min_time=0.5)["tflops"] for d in sorted({"fp32", dtype})}
+        peaks.append(peak)
+        for method in methods:
+            run = runs[method]
+            hog_timer.take()
+            for _ in range(steps):
+                t = timed(lambda r=run: train_step(r["engine"], r["imgs"]), device)
+                run["times"].append(t)
+                achieved = run["flops_per_img"] * batch / t / 1e12
+                run["util_fp32_peak"].append(achieved / peak["fp32"])
+                run["util_dtype_peak"].append(achieved / peak[dtype])
+                if method == "fastmim":
+                    hog_in_step.append(hog_timer.take() / t)
+        with torch.no_grad():
+            x = fm["imgs"]
+            hog_alone.append(median([timed(lambda x=x: target(x, stride), device) for _ in range(3)]))
+        logger.info("%s round %d/%d: %s", name, r + 1, rounds,
+                    ", ".join(f"{m} {batch / runs[m]['times'][-1]:.2f} img/s" for m in methods))
+    for h in hog_timer.handles:
+        h.remove()
+
+    table = _profile_table(fm["engine"], fm["imgs"], device) if profile else ""
+    out = {"label": fam["label"], "encoder": fam["encoder"], "batch": batch, "methods": {}, "profile_fastmim": table,
+           "peaks_tflops": peaks}
+    step_fm = median(fm["times"])
+    for method in methods:
+        run = runs[method]
+        step = median(run["times"])
+        out["methods"][method] = {
+            "img_size": run["img_size"], "params_m": run["params_m"], "step_s": step, "step_s_all": run["times"],
+            "img_per_s": batch / step, "speedup_of_fastmim": step / step_fm,
+            "gflops_per_img": run["flops_per_img"] / 1e9,
+            "flops_by_op_per_img": run["flops_by_op"],
+            "achieved_tflops": run["flops_per_img"] * batch / step / 1e12,
+            "util_fp32_peak": median(run["util_fp32_peak"]), "util_dtype_peak": median(run["util_dtype_peak"]),
+        }
+    out["hog"] = {"share_in_step": median(hog_in_step), "alone_s": median(hog_alone),
+                  "share_alone": median(hog_alone) / step_fm}
+    for run in runs.values():
+        del run["engine"]
+    runs.clear()
+    gc.collect()
+    return out
+
+
+def _run_part(args: argparse.Namespace, device: torch.device, dtype: str) -> dict:
+    """One family (or the AdamW before/after) in this process; returns its result."""
+    cpu = device.type == "cpu"
+    one_rank_group()
+    torch.set_num_threads(args.threads)  # init_distributed shares the cores between the node's ranks (1 here)
+    if args.part == "ab":
+        return optimizer_ab(device=device, dtype=dtype, batch=args.batch or (16 if cpu else 128), rounds=args.rounds,
+                            warmup=args.warmup)
+    batch = (args.swin_batch if args.part == "swin" else args.batch) or (128 if not cpu else 8 if args.part == "swin"
+                                                                         else 16)
+    return bench_family(args.part, device=device, dtype=dtype, batch=batch, rounds=args.rounds,
+                        steps=args.steps or (1 if cpu else 5), warmup=args.warmup, profile=not args.no_profile)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_device_args(parser)
+    parser.add_argument("--families", nargs="+", choices=tuple(FAMILIES), default=list(FAMILIES))
+    parser.add_argument("--batch", type=int, default=None, help="images per step, all methods (cpu 16, cuda 128)")
+    parser.add_argument("--swin-batch", type=int, default=None, help="Swin-B batch (cpu 8, cuda 128)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (A, B, C per round)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per method per round (cpu 1, cuda 5)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--no-optimizer-ab", action="store_true", help="skip the fused-AdamW before/after")
+    parser.add_argument("--part", choices=(*FAMILIES, "ab"), help=argparse.SUPPRESS)
+    parser.add_argument("--part-out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    device, dtype = setup_device(args)
+    if args.part:
+        Path(args.part_out).write_text(json.dumps(_run_part(args, device, dtype)))
+        return
+    cpu = device.type == "cpu"
+    info = machine_info(device)
+    t0 = time.perf_counter()
+    sizes = (512, 1024, 2048, 4096) if cpu else (1024, 2048, 4096, 8192)
+    peak = {d: peak_matmul(device, DTYPES[d], sizes=sizes) for d in ("fp32", "bf16")}  # size sweep, once
+    logger.info("peak matmul: %s", {d: f"{p['tflops'] * 1e3:.1f} GFLOP/s at {p['size']}" for d, p in peak.items()})
+    # Each family (and the before/after) in its own process: DeepSpeed engines are not freed when dropped (hooks keep
+    # them reachable), and three ViT-B engines plus another family's would not fit a 24 GB machine.
+    parts = [*args.families] + ([] if args.no_optimizer_ab else ["ab"])
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+             if k in ("device", "dtype", "threads", "batch", "swin_batch", "rounds", "steps", "warmup") and v is not None]
+    flags += ["--no-profile"] if args.no_profile else []
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
+        for part in parts:
+            out = Path(tmp) / f"{part}.json"
+            subprocess.run([sys.executable, "-m", "benchmarks.bench_step", *flags, "--part", part, "--part-out",
+                            str(out)], cwd=REPO, check=True)
+            results[part] = json.loads(out.read_text())
+    payload = {"machine": info, "dtype": dtype, "peak_matmul": peak,
+               "families": {k: v for k, v in results.items() if k != "ab"}}
+    if "ab" in results:
+        payload["optimizer_ab"] = results["ab"]
+    write_result(device, "step", {**payload, "seconds": time.perf_counter() - t0})
+
+
+if __name__ == "__main__":
+    main()

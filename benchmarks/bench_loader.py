@@ -12,12 +12,14 @@ res) float32, shuffled, on ``--device``.
   of worker processes (``pin_memory`` on GPU only). One extra row at 128 px uses torchvision's default bilinear
   interpolation, the cheaper choice, to show how much of the ratio the interpolation accounts for.
 
-Throughput is images/s in steady state. FFCV's first epoch JIT-compiles its numba pipeline (timed separately and
-excluded). Every trial opens a fresh epoch iterator, skips the start-up batch plus the batches the loader keeps ready
+Throughput is images/s in steady state. Warm-up, excluded: one whole FFCV epoch (its first batches JIT-compile the
+numba pipeline, timed separately; the epoch maps every page of the beton) and one read of every source JPEG (into
+the page cache), as after a first training epoch. Every trial opens a fresh epoch iterator, skips the start-up batch plus the batches the loader keeps ready
 ahead (FFCV ``batches_ahead``, DataLoader workers x ``prefetch_factor``), times the next ``--batches`` and closes the
 iterator, so no loader works in the background while the other is timed (persistent DataLoader workers would keep
 prefetching during the FFCV trial). Trials alternate FFCV, torchvision, FFCV, ... at every resolution so machine load
-affects both alike; the median per side is reported.
+affects both alike. Reported per side: the best trial (load from other jobs on a shared machine only ever slows a
+trial down, so the fastest one is the closest to the loader's own speed) and the median.
 
 Also a per-image, one-thread cost of each stage of both pipelines at 128 px (:func:`stage_profile`).
 
@@ -207,9 +209,14 @@ def main() -> None:
                               ratio=(3 / 4, 4 / 3), hflip=True, num_workers=args.workers, seed=0, distributed=False,
                               device=device, batches_ahead=BATCHES_AHEAD, torch_threads=args.threads)
     t0 = time.perf_counter()
-    _trial(ffcv, 2, 1, device)  # first epoch: numba compiles the pipeline
+    _trial(ffcv, 2, 1, device)  # numba compiles the pipeline at the first batch
     compile_s = time.perf_counter() - t0
-    logger.info("FFCV first batches (numba compilation): %.1f s", compile_s)
+    for _ in ffcv:  # the rest of a first epoch: every page of the beton mapped, as after any first training epoch
+        pass
+    warm_s = time.perf_counter() - t0
+    for f in sorted((args.source / "train").glob("*/*.JPEG")):  # the JPEG files into the page cache, likewise
+        f.read_bytes()
+    logger.info("FFCV first batches (numba compilation) %.1f s, whole first epoch %.1f s", compile_s, warm_s)
 
     rows = []
     cases = [(s, True) for s in args.sizes] + [(128, False)]
@@ -227,7 +234,8 @@ def main() -> None:
             tv_rates.append(n / s)
         del tv
         row = {"size": size, "torchvision_interp": "bicubic" if bicubic else "bilinear",
-               "ffcv_img_s": median(ffcv_rates), "torchvision_img_s": median(tv_rates),
+               "ffcv_img_s": max(ffcv_rates), "torchvision_img_s": max(tv_rates),
+               "ffcv_median_img_s": median(ffcv_rates), "torchvision_median_img_s": median(tv_rates),
                "ffcv_all": ffcv_rates, "torchvision_all": tv_rates}
         row["ratio"] = row["ffcv_img_s"] / row["torchvision_img_s"]
         rows.append(row)
@@ -239,7 +247,7 @@ def main() -> None:
     write_result(device, "loader", {
         "machine": info, "workers": args.workers, "batch": args.batch, "batches_per_trial": args.batches,
         "rounds": args.rounds, "beton": str(beton.relative_to(REPO) if beton.is_relative_to(REPO) else beton),
-        "images": len(ffcv) * args.batch, "ffcv_compile_s": compile_s, "rows": rows, "stage_profile": profile,
+        "images": len(ffcv) * args.batch, "ffcv_compile_s": compile_s, "ffcv_first_epoch_s": warm_s, "rows": rows, "stage_profile": profile,
         "seconds": time.perf_counter() - t_start,
     })
 

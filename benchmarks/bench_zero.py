@@ -2,26 +2,28 @@
 
 For each stage a 2-rank job is launched (``deepspeed --num_gpus 2``; CPU ranks with ``DS_ACCELERATOR=cpu``, gloo)
 that builds the product's FastMIM ViT-B/16 (86.7 M trainable parameters) under the stage's engine config (the
-repo's ``ds_configs/zero2_fp32.json`` with the stage changed: fp32, contiguous gradients, reduce-scatter) and
+repo's ``ds_configs/zero2_fp32.json`` or, for bf16, ``ds_configs/zero2_bf16.json``, with the stage changed) and
 runs two optimizer steps on a tiny batch (2 images of 64 px: activations are negligible next to the states).
-Right before the inner AdamW updates in step 2 (a ``register_step_pre_hook``), when parameters, reduced gradients
-and Adam moments are all alive, each rank measures what it actually holds (and once more late in step 2's backward,
-a backward pre-hook on the patch embedding, the last layer to get its gradient, when the gradient buckets are live):
+At each inner AdamW call of step 2 (a ``register_step_pre_hook``; ZeRO 1/2 call it once per parameter group and
+make that group's fp32 gradient partition right before), each rank measures what it actually holds and keeps the
+largest; once more late in step 2's backward (a backward pre-hook on the patch embedding, the last layer to get its
+gradient), when the gradient buckets are live:
 
 * ``params``: storages of the module's parameters (ZeRO-3: each parameter's ``ds_tensor`` partition);
 * ``optimizer``: AdamW state tensors (exp_avg, exp_avg_sq) and the parameters the inner optimizer updates when they
   are not the module's (ZeRO 1-3 keep an fp32 master partition, cloned even in fp32 training);
 * ``grads + buffers``: every other tensor storage reachable from the engine's (ZeRO) optimizer object and the
   parameters' ``.grad``: gradient partitions and the contiguous-gradient (IPG) bucket buffers;
-* cross-checks: every live tensor storage in the process (``gc``), and the process RSS growth since before the
-  model was built (``/proc/self/status``; an untouched ``torch.empty`` page does not count there).
+* cross-checks: every live tensor storage in the process (``gc``), the process RSS growth since before the model
+  was built and its peak over the job (``VmRSS``/``VmHWM`` in ``/proc/self/status``; an untouched ``torch.empty``
+  page does not count there, allocator caching does).
 
 Storages are de-duplicated by data pointer, so flat buffers and the views into them count once. Measured, not
-computed: the same walk gives whatever DeepSpeed allocates. A second set of runs sets ``reduce_bucket_size`` /
-``allgather_bucket_size`` to 5e7 elements (DeepSpeed's default is 5e8: a 2 GB fp32 bucket for an 87 M-parameter
-model) to show what that knob costs.
+computed: the same walk gives whatever DeepSpeed allocates. fp32 runs use DeepSpeed's default buckets (5e8
+elements: a 2 GB fp32 bucket for an 87 M-parameter model) and, for stages 2 and 3, the 5e7 of every shipped config;
+bf16 runs use the shipped config as is. bf16 matmul is emulated on an AVX2 CPU: slow steps, same bytes held.
 
-Usage: ``python -m benchmarks.bench_zero [--stages 0 1 2 3] [--port 29660]``. Writes
+Usage: ``python -m benchmarks.bench_zero [--stages 0 1 2 3] [--bf16-stages 0 1 2 3] [--port 29660]``. Writes
 ``benchmarks/results/cpu/zero.json``. The per-rank worker is this module with ``--worker`` (started by the
 launcher; it accepts ``--local_rank``).
 """
@@ -42,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import REPO, build_engine, machine_info, train_step, write_result
+from benchmarks.common import DS_CONFIGS, REPO, build_engine, machine_info, train_step, write_result
 
 logger = logging.getLogger("bench_zero")
 
@@ -50,9 +52,10 @@ PORTS = range(29660, 29691)  # this benchmark's master ports (other jobs on the 
 SMALL_BUCKET = 50_000_000  # elements
 
 
-def _rss_bytes() -> int:
+def _rss_bytes(field: str = "VmRSS") -> int:
+    """The process's resident set (``VmRSS``) or its high-water mark (``VmHWM``) in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
 
@@ -129,10 +132,13 @@ def held_bytes(engine, inner: torch.optim.Optimizer) -> dict[str, int]:
     return out
 
 
-def _ds_config(stage: int, bucket: int | None) -> dict:
-    cfg = json.loads((REPO / "ds_configs" / "zero2_fp32.json").read_text())
+def _ds_config(stage: int, bucket: int | None, dtype: str) -> dict:
+    """The shipped config for ``dtype`` (``DS_CONFIGS``) at ``stage``; ``bucket`` None = DeepSpeed's default buckets."""
+    cfg = json.loads((REPO / DS_CONFIGS[dtype]).read_text())
     zero = cfg["zero_optimization"]
     zero["stage"] = stage
+    zero.pop("reduce_bucket_size", None)
+    zero.pop("allgather_bucket_size", None)
     if stage == 3:  # the ZeRO-3 keys of ds_configs/zero3_bf16.json (fp32 here); no reduce_scatter knob there
         zero.pop("reduce_scatter", None)
         zero["stage3_gather_16bit_weights_on_model_save"] = False
@@ -156,18 +162,22 @@ def worker(args: argparse.Namespace) -> None:
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     cfg_path = Path(args.out) / f"ds_stage{args.stage}.json"
     if dist.rank == 0:
-        cfg_path.write_text(json.dumps(_ds_config(args.stage, args.bucket)))
+        cfg_path.write_text(json.dumps(_ds_config(args.stage, args.bucket, args.dtype)))
     torch.distributed.barrier()
-    engine = build_engine(model.to(dist.device), dtype="fp32", micro_batch=2, ds_config=str(cfg_path))
+    engine = build_engine(model.to(dist.device), dtype=args.dtype, micro_batch=2, ds_config=str(cfg_path))
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     found: dict[str, dict] = {}
     armed = {"step": False, "backward": False}
 
     def measure(point: str) -> None:
-        if armed[point.split("_")[-1]] and point not in found:
-            found[point] = {**held_bytes(engine, inner), "rss_delta": _rss_bytes() - rss0}
+        if not armed[point.split("_")[-1]] or (point == "in_backward" and point in found):
+            return
+        now = {**held_bytes(engine, inner), "rss_delta": _rss_bytes() - rss0}
+        if point not in found or now["total"] > found[point]["total"]:
+            found[point] = now
 
-    # DeepSpeed runs the inner optimizer once per parameter group: the first call of step 2 sees every state
+    # ZeRO 1/2 run the inner optimizer once per parameter group, each group's fp32 gradient partition made right
+    # before its call (and its bit16 gradients freed): keep the largest of the calls of step 2
     inner.register_step_pre_hook(lambda *_: measure("at_step"))
     # the patch embedding's backward comes last: every other gradient is in the ZeRO buckets/partitions by then
     engine.module.encoder.patch_embed.register_full_backward_pre_hook(lambda *_: measure("in_backward"))
@@ -178,7 +188,8 @@ def worker(args: argparse.Namespace) -> None:
     engine.backward(loss)
     armed["step"] = True
     engine.step()
-    out = {"rank": dist.rank, "world_size": dist.world_size, "stage": args.stage, "bucket": args.bucket,
+    found["peak_rss_delta"] = _rss_bytes("VmHWM") - rss0
+    out = {"rank": dist.rank, "world_size": dist.world_size, "stage": args.stage, "bucket": args.bucket, "dtype": args.dtype,
            "trainable_params": n_params, "optimizer_class": type(engine.optimizer).__name__, **found}
     (Path(args.out) / f"rank{dist.rank}.json").write_text(json.dumps(out))
 
@@ -194,7 +205,7 @@ def _free_port(candidates) -> int:
     raise RuntimeError(f"no free port in {candidates}")
 
 
-def run_stage(stage: int, bucket: int | None, port: int, timeout: int) -> list[dict]:
+def run_stage(stage: int, bucket: int | None, dtype: str, port: int, timeout: int) -> list[dict]:
     """Launches the 2-rank worker for ``stage``; returns the ranks' measurements.
 
     Raises:
@@ -203,7 +214,7 @@ def run_stage(stage: int, bucket: int | None, port: int, timeout: int) -> list[d
     with tempfile.TemporaryDirectory(prefix="bench_zero_") as out:
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
         cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(port),
-               "--module", "benchmarks.bench_zero", "--worker", "--stage", str(stage), "--out", out]
+               "--module", "benchmarks.bench_zero", "--worker", "--stage", str(stage), "--dtype", dtype, "--out", out]
         if bucket:
             cmd += ["--bucket", str(bucket)]
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
@@ -215,14 +226,20 @@ def run_stage(stage: int, bucket: int | None, port: int, timeout: int) -> list[d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3],
+                        help="fp32 stages run with DeepSpeed's default buckets")
     parser.add_argument("--small-bucket-stages", type=int, nargs="*", default=[2, 3],
-                        help=f"stages also run with reduce/allgather buckets of {SMALL_BUCKET:.0e} elements")
+                        help=f"fp32 stages also run with reduce/allgather buckets of {SMALL_BUCKET:.0e} elements")
+    parser.add_argument("--bf16-stages", type=int, nargs="*", default=[0, 1, 2, 3],
+                        help=f"stages run in bf16 (ds_configs/zero2_bf16.json, the GPU config: {SMALL_BUCKET:.0e} "
+                             "buckets, overlap_comm); bf16 matmul is emulated on an AVX2 CPU, which slows the steps "
+                             "but does not change what is held")
     parser.add_argument("--port", type=int, default=None, help="master port (default: first free in 29660-29690)")
     parser.add_argument("--timeout", type=int, default=600)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--bucket", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -233,18 +250,18 @@ def main() -> None:
     info = machine_info(torch.device("cpu"))
     t0 = time.perf_counter()
     runs = []
-    jobs = [(s, None) for s in args.stages] + [(s, SMALL_BUCKET) for s in args.small_bucket_stages]
-    for stage, bucket in jobs:
+    jobs = ([(s, None, "fp32") for s in args.stages] + [(s, SMALL_BUCKET, "fp32") for s in args.small_bucket_stages]
+            + [(s, SMALL_BUCKET, "bf16") for s in args.bf16_stages])
+    for stage, bucket, dtype in jobs:
         port = args.port or _free_port(PORTS)
-        ranks = run_stage(stage, bucket, port, args.timeout)
-        runs.append({"stage": stage, "bucket": bucket, "ranks": ranks})
+        ranks = run_stage(stage, bucket, dtype, port, args.timeout)
+        runs.append({"stage": stage, "bucket": bucket, "dtype": dtype, "ranks": ranks})
         at = max(ranks, key=lambda r: r["at_step"]["total"])["at_step"]
-        logger.info("stage %d%s: %.0f MB held per rank (params %.0f, optimizer %.0f, grads+buffers %.0f), "
-                    "RSS +%.0f MB", stage, f" bucket {bucket:.0e}" if bucket else "", at["total"] / 1e6,
+        logger.info("%s stage %d%s: %.0f MB held per rank (params %.0f, optimizer %.0f, grads+buffers %.0f), "
+                    "RSS +%.0f MB", dtype, stage, f" bucket {bucket:.0e}" if bucket else "", at["total"] / 1e6,
                     at["params"] / 1e6, at["optimizer"] / 1e6, at["grads"] / 1e6, at["rss_delta"] / 1e6)
     write_result(torch.device("cpu"), "zero", {"machine": info, "model": "FastMIM ViT-B/16 (HOG, 256-d x 1 decoder)",
-                                               "world_size": 2, "dtype": "fp32", "runs": runs,
-                                               "seconds": time.perf_counter() - t0})
+                                               "world_size": 2, "runs": runs, "seconds": time.perf_counter() - t0})
 
 
 if __name__ == "__main__":

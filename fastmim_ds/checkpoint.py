@@ -169,8 +169,12 @@ def load(engine, ckpt_dir: Path, tag: str) -> dict:
 
 
 def read_client_state(tag_dir: Path) -> dict:
-    """Client state (epoch, step, config, ...) of a checkpoint tag folder, without building an engine."""
-    state = torch.load(Path(tag_dir) / MODEL_STATES, map_location="cpu", weights_only=False)
+    """Client state (epoch, step, config, ...) of a checkpoint tag folder, without building an engine.
+
+    The file is memory-mapped: only the pickled structure is read, not the weights (a resume reads them once, in
+    DeepSpeed's ``load_checkpoint``).
+    """
+    state = torch.load(Path(tag_dir) / MODEL_STATES, map_location="cpu", weights_only=False, mmap=True)
     known = {"module", "buffer_names", "optimizer", "lr_scheduler", "param_shapes", "frozen_param_shapes",
              "frozen_param_fragments", "shared_params", "sparse_tensor_module_names", "skipped_steps",
              "global_steps", "global_samples", "dp_world_size", "mp_world_size", "ds_config", "ds_version",

@@ -176,6 +176,8 @@ def train_and_evaluate(
     )
     if stats["preempted"]:
         return {"top1": None, "top5": None, "best_top1": best["top1"], "run_dir": str(run.dir), "preempted": True}
+    if not ev:  # resumed from a checkpoint of the last epoch: nothing trained, report the model as it is
+        ev = evaluate_fn(val_loader)
     result = {"top1": ev.get("top1"), "top5": ev.get("top5"), "best_top1": best["top1"], "run_dir": str(run.dir)}
     if dist.is_main:
         print(summary.format(top1=result["top1"], top5=result["top5"], best_top1=best["top1"],

@@ -97,6 +97,10 @@ def test_linprobe_run_freezes_encoder_and_exports_folded_head(tmp_path, vit_run,
     rows = [json.loads(r) for r in (out / "lp" / "metrics.jsonl").read_text().splitlines()]
     assert [r["val_top1"] for r in rows if "val_top1" in r][-1] == pytest.approx(result["top1"])
     assert (out / "lp" / "csv" / "Train_val_top1.csv").is_file()
+    # resuming a finished run trains nothing and reports the saved model's top-1 again
+    again = linprobe.main(lp, resume="auto")
+    assert again["top1"] == pytest.approx(result["top1"]) and again["best_top1"] == pytest.approx(result["best_top1"])
+    assert len((out / "lp" / "metrics.jsonl").read_text().splitlines()) == len(rows)
 
     cm = read_checkpoint_model(out / "lp")
     assert cm.kind == "classifier" and cm.label_names and cm.model_args["num_classes"] == len(cm.label_names)

@@ -19,7 +19,11 @@ Also measured in the same run:
   step time, plus the HOG target timed alone on the same batch;
 * utilisation: model FLOPs of forward + backward (``torch.utils.flop_counter``) per step time, over the peak dense
   matmul throughput measured right before each round (fp32 and bf16), best step over best peak;
-* a ``torch.profiler`` table of one FastMIM step (where the time goes).
+* a ``torch.profiler`` table of one FastMIM step (where the time goes);
+* the same steps on half the batch (same engine, interleaved too), which splits each method's step time into a
+  per-step fixed cost (ZeRO's gradient bookkeeping, the optimizer update: independent of the batch) and a per-image
+  cost. The per-image ratio is the images/s ratio at pre-training batch sizes (128-256 per GPU), where the fixed
+  cost is spread over many more images than a CPU benchmark can afford.
 
 Usage: ``python -m benchmarks.bench_step [--device cuda] [--families vit swin] [--batch N] [--rounds R]``.
 Writes ``benchmarks/results/<device>/step.json``.
@@ -163,10 +167,13 @@ def _profile_table(engine, imgs: torch.Tensor, device: torch.device, rows: int =
 
 
 def bench_family(name: str, *, device: torch.device, dtype: str, batch: int, rounds: int, steps: int,
-                 warmup: int, profile: bool, methods: list[str] | None = None, ds_config: str | None = None) -> dict:
+                 warmup: int, profile: bool, methods: list[str] | None = None, ds_config: str | None = None,
+                 half: int | None = None) -> dict:
     """Interleaved step timings of FastMIM and the baselines of one backbone family (see module docstring).
 
     ``methods`` (default: all of the family's) and ``ds_config`` (default: the ZeRO-2 file of ``dtype``) narrow it.
+    ``half``: also time steps on the first ``half`` images of the batch (same engine), to split the step time into
+    a per-step fixed cost and a per-image cost (``fixed_s``, ``per_img_s``).
     """
     fam = FAMILIES[name]
     methods = methods or ["fastmim", *fam["baselines"]]
@@ -182,10 +189,12 @@ def bench_family(name: str, *, device: torch.device, dtype: str, batch: int, rou
         imgs = random_images(batch, img_size, device)
         for _ in range(warmup):  # first steps allocate optimizer state, pick kernels
             train_step(engine, imgs)
+        if half:
+            train_step(engine, imgs[:half])  # the half batch's kernels
         sync(device)
         runs[method] = {"engine": engine, "imgs": imgs, "img_size": img_size, "params_m": n_params / 1e6,
                         "flops_per_img": flops / 2, "flops_by_op": {k: v / 2 for k, v in by_op.items()},
-                        "times": [], "util_fp32_peak": [], "util_dtype_peak": []}
+                        "times": [], "times_half": [], "util_fp32_peak": [], "util_dtype_peak": []}
         logger.info("%s %s: %d px, %.1fM params, %.1f GFLOP/img (fwd+bwd)", name, method, img_size,
                     n_params / 1e6, flops / 2 / 1e9)
 
@@ -209,6 +218,9 @@ def bench_family(name: str, *, device: torch.device, dtype: str, batch: int, rou
                 run["util_dtype_peak"].append(achieved / peak[dtype])
                 if method == "fastmim":
                     hog_in_step.append(hog_timer.take() / t)
+            for _ in range(steps if half else 0):
+                run["times_half"].append(timed(lambda r=run: train_step(r["engine"], r["imgs"][:half]), device))
+            hog_timer.take()
         with torch.no_grad():
             x = fm["imgs"]
             hog_alone.append(median([timed(lambda x=x: target(x, stride), device) for _ in range(3)]))
@@ -235,6 +247,14 @@ def bench_family(name: str, *, device: torch.device, dtype: str, batch: int, rou
             "util_fp32_peak": achieved / best_peak["fp32"], "util_dtype_peak": achieved / best_peak[dtype],
             "util_dtype_peak_median_of_rounds": median(run["util_dtype_peak"]),
         }
+        if half:  # step time = fixed + per_img x batch, from the best steps at the two batch sizes
+            per_img = (step - min(run["times_half"])) / (batch - half)
+            out["methods"][method].update(step_s_half=min(run["times_half"]), step_s_half_all=run["times_half"],
+                                          per_img_s=per_img, fixed_s=step - per_img * batch)
+    if half:
+        for m in out["methods"].values():
+            m["per_img_speedup_of_fastmim"] = m["per_img_s"] / out["methods"]["fastmim"]["per_img_s"]
+        out["half_batch"] = half
     out["hog"] = {"share_in_step": median(hog_in_step), "alone_s": median(hog_alone),
                   "share_alone": median(hog_alone) / step_fm}
     for run in runs.values():
@@ -263,7 +283,8 @@ def _run_part(args: argparse.Namespace, device: torch.device, dtype: str) -> dic
     batch = (args.swin_batch if args.part == "swin" else args.batch) or (128 if not cpu else 8 if args.part == "swin"
                                                                          else 16)
     return bench_family(args.part, device=device, dtype=dtype, batch=batch, rounds=args.rounds,
-                        steps=args.steps or (1 if cpu else 5), warmup=args.warmup, profile=not args.no_profile)
+                        steps=args.steps or (1 if cpu else 5), warmup=args.warmup, profile=not args.no_profile,
+                        half=batch // 2)
 
 
 def main() -> None:

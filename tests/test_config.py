@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
@@ -311,3 +312,27 @@ def test_to_dict_is_plain():
     d = to_dict(_nondefault_pretrain())
     assert d["optim"]["betas"] == [0.8, 0.9] and isinstance(d["optim"]["betas"], list)
     assert d["model"]["encoder_kwargs"] == {"embed_dim": 64, "depth": 2, "num_heads": 2}
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path):
+    """configs/*.yaml stay in step with the dataclasses and the pre-launch checks (files not required)."""
+    from fastmim_ds.config import LinprobeCfg
+    from fastmim_ds.linprobe import check_linprobe
+    from fastmim_ds.validate import check_finetune, check_pretrain
+
+    kind = "linprobe" if "linprobe" in path.name else "finetune" if "finetune" in path.name else "pretrain"
+    cls, check = {"pretrain": (PretrainCfg, check_pretrain), "finetune": (FinetuneCfg, check_finetune),
+                  "linprobe": (LinprobeCfg, check_linprobe)}[kind]
+    cfg = load_config(cls, path)  # unknown keys or wrong types raise here
+    if kind == "linprobe" or (kind == "finetune" and not cfg.model.name):  # they take --pretrained <run>
+        with pytest.raises(ConfigError, match="pretrained"):
+            check(cfg, 1, check_files=False)
+        return
+    derived = check(cfg, 1, check_files=False)
+    assert derived.world_size == 1
+    assert derived.eff_batch == cfg.train.micro_batch * cfg.train.grad_accum
+    assert derived.lr > 0

@@ -28,12 +28,18 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "save", "find_resume", "load", "complete_tags", "read_client_state", "resolve_tag_dir", "load_pretrained_encoder",
-    "CKPT_SUBDIR", "COMPLETE",
+    "model_states_file", "CKPT_SUBDIR", "COMPLETE",
 ]
 
 CKPT_SUBDIR = "ckpt"
-MODEL_STATES = "mp_rank_00_model_states.pt"
+# DeepSpeed's file with the module weights and the client state: ZeRO 0-2 write one, ZeRO-3 one per rank
+MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 COMPLETE = "complete"  # marker file, written last by rank 0
+
+
+def model_states_file(tag_dir: Path) -> Path | None:
+    """The module/client-state file of a DeepSpeed tag folder (ZeRO 0-2, or rank 0's under ZeRO-3); None if absent."""
+    return next((Path(tag_dir) / n for n in MODEL_STATES if (Path(tag_dir) / n).is_file()), None)
 
 
 def _step_of(tag_dir: Path) -> int:
@@ -174,7 +180,10 @@ def read_client_state(tag_dir: Path) -> dict:
     The file is memory-mapped: only the pickled structure is read, not the weights (a resume reads them once, in
     DeepSpeed's ``load_checkpoint``).
     """
-    state = torch.load(Path(tag_dir) / MODEL_STATES, map_location="cpu", weights_only=False, mmap=True)
+    path = model_states_file(tag_dir)
+    if path is None:
+        raise FileNotFoundError(f"{tag_dir}: no DeepSpeed model states ({' or '.join(MODEL_STATES)})")
+    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     known = {"module", "buffer_names", "optimizer", "lr_scheduler", "param_shapes", "frozen_param_shapes",
              "frozen_param_fragments", "shared_params", "sparse_tensor_module_names", "skipped_steps",
              "global_steps", "global_samples", "dp_world_size", "mp_world_size", "ds_config", "ds_version",
@@ -189,7 +198,7 @@ def resolve_tag_dir(path: Path) -> Path:
         FileNotFoundError: none of these.
     """
     path = Path(path)
-    if (path / MODEL_STATES).is_file():
+    if model_states_file(path):
         return path
     for ckpt_dir in (path, path / CKPT_SUBDIR):
         done = complete_tags(ckpt_dir)
@@ -231,7 +240,7 @@ def load_pretrained_encoder(path: str | Path, prefix: str = "encoder.") -> tuple
             state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         except (ValueError, FileNotFoundError, KeyError, AssertionError, TypeError) as e:  # ZeRO-0: in the module
             logger.info("no ZeRO shards in %s (%s); reading module weights", tag_dir, e)
-            state = torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=False)["module"]
+            state = torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=False)["module"]
     has_prefix = any(k.startswith(prefix) for k in state)
     enc = {k[len(prefix):] if has_prefix else k: v.float() for k, v in state.items() if k.startswith(prefix) or not has_prefix}
     return enc, cfg

@@ -84,6 +84,11 @@ def _check_stages(cfg: PretrainCfg, world_size: int) -> None:
             raise ConfigError(f"progressive: start epochs must increase, got {starts}")
         if starts[-1] >= cfg.train.epochs:
             raise ConfigError(f"progressive: stage start {starts[-1]} is not before train.epochs={cfg.train.epochs}")
+    if len({s.img_size for s in stages}) > 1 and Path(cfg.train.ds_config).is_file():
+        if load_ds_config(cfg.train.ds_config).get("zero_optimization", {}).get("stage", 0) == 3:
+            raise ConfigError("progressive: changing the image size reshapes parameters (position embeddings, window "
+                              "bias tables), which ZeRO-3 keeps partitioned across ranks; use a ZeRO-1/2 config "
+                              f"(ds_configs/zero2_bf16.json), not {cfg.train.ds_config}")
     for s in stages:
         where = f"progressive stage from epoch {s.start_epoch}" if cfg.progressive else "train"
         if s.micro_batch < 1 or s.grad_accum < 1 or s.img_size < 1:

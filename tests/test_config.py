@@ -336,3 +336,15 @@ def test_every_shipped_config_loads_and_validates(path):
     assert derived.world_size == 1
     assert derived.eff_batch == cfg.train.micro_batch * cfg.train.grad_accum
     assert derived.lr > 0
+
+
+def test_progressive_resolution_with_zero3_is_rejected_before_launch():
+    from fastmim_ds.validate import check_pretrain
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(PretrainCfg, repo / "configs" / "imagenette_swin_fastmim_p.yaml",
+                      [f"train.ds_config={repo / 'ds_configs' / 'zero3_bf16.json'}"])
+    with pytest.raises(ConfigError, match="progressive: .*ZeRO-3"):
+        check_pretrain(cfg, 2, check_files=False)
+    cfg.train.ds_config = str(repo / "ds_configs" / "zero2_bf16.json")
+    assert check_pretrain(cfg, 2, check_files=False).world_size == 2

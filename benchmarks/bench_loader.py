@@ -14,7 +14,8 @@ res) float32, shuffled, on ``--device``.
 
 Throughput is images/s in steady state. Warm-up, excluded: one whole FFCV epoch (its first batches JIT-compile the
 numba pipeline, timed separately; the epoch maps every page of the beton) and one read of every source JPEG (into
-the page cache), as after a first training epoch. Every trial opens a fresh epoch iterator, skips the start-up batch plus the batches the loader keeps ready
+the page cache), as after a first training epoch. Every trial opens a fresh epoch iterator, skips the start-up batch
+plus the batches the loader keeps ready
 ahead (FFCV ``batches_ahead``, DataLoader workers x ``prefetch_factor``), times the next ``--batches`` and closes the
 iterator, so no loader works in the background while the other is timed (persistent DataLoader workers would keep
 prefetching during the FFCV trial). Trials alternate FFCV, torchvision, FFCV, ... at every resolution so machine load
@@ -144,7 +145,8 @@ def _torchvision_loader(root: Path, size: int, *, batch: int, workers: int, bicu
 
     tf = transforms.Compose([
         transforms.RandomResizedCrop(size, scale=(0.2, 1.0),
-                                     interpolation=InterpolationMode.BICUBIC if bicubic else InterpolationMode.BILINEAR),
+                                     interpolation=(InterpolationMode.BICUBIC if bicubic
+                                                    else InterpolationMode.BILINEAR)),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
@@ -247,7 +249,8 @@ def main() -> None:
     write_result(device, "loader", {
         "machine": info, "workers": args.workers, "batch": args.batch, "batches_per_trial": args.batches,
         "rounds": args.rounds, "beton": str(beton.relative_to(REPO) if beton.is_relative_to(REPO) else beton),
-        "images": len(ffcv) * args.batch, "ffcv_compile_s": compile_s, "ffcv_first_epoch_s": warm_s, "rows": rows, "stage_profile": profile,
+        "images": len(ffcv) * args.batch, "ffcv_compile_s": compile_s, "ffcv_first_epoch_s": warm_s, "rows": rows,
+        "stage_profile": profile,
         "seconds": time.perf_counter() - t_start,
     })
 

@@ -152,7 +152,8 @@ def _build(method: str, fam: dict) -> tuple[torch.nn.Module, int]:
         spec = fam["fastmim"]
         return create_mim_model("fastmim", spec["model"], spec["mask"], spec["img_size"]), spec["img_size"]
     spec = fam["baselines"][method]
-    return create_baseline(method, encoder=fam["encoder"], img_size=spec["img_size"], **spec["kwargs"]), spec["img_size"]
+    model = create_baseline(method, encoder=fam["encoder"], img_size=spec["img_size"], **spec["kwargs"])
+    return model, spec["img_size"]
 
 
 def _profile_table(engine, imgs: torch.Tensor, device: torch.device, rows: int = 15) -> str:
@@ -319,7 +320,8 @@ def main() -> None:
     parts = [*args.families] + ([] if args.no_optimizer_ab else ["ab"])
     parts += ["vit_zero0"] if cpu and "vit" in args.families and not args.no_zero0 else []
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-             if k in ("device", "dtype", "threads", "batch", "swin_batch", "rounds", "steps", "warmup") and v is not None]
+             if k in ("device", "dtype", "threads", "batch", "swin_batch", "rounds", "steps", "warmup")
+             and v is not None]
     flags += ["--no-profile"] if args.no_profile else []
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:

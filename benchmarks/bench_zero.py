@@ -189,7 +189,8 @@ def worker(args: argparse.Namespace) -> None:
     armed["step"] = True
     engine.step()
     found["peak_rss_delta"] = _rss_bytes("VmHWM") - rss0
-    out = {"rank": dist.rank, "world_size": dist.world_size, "stage": args.stage, "bucket": args.bucket, "dtype": args.dtype,
+    out = {"rank": dist.rank, "world_size": dist.world_size, "stage": args.stage, "bucket": args.bucket,
+           "dtype": args.dtype,
            "trainable_params": n_params, "optimizer_class": type(engine.optimizer).__name__, **found}
     (Path(args.out) / f"rank{dist.rank}.json").write_text(json.dumps(out))
 

@@ -38,7 +38,8 @@ def _machine(res: dict[str, dict], device: str) -> list[str]:
     v = m["versions"]
     lines = [f"**{device.upper()}**: {m.get('gpu', m['cpu'])}"
              + (f" ({m['gpu_mem_gib']} GiB) with {m['cpu']}" if "gpu" in m else "")
-             + f", {m['cores']} cores ({m['cpu_capability']}), torch threads {m['torch_threads']}, Python {m['python']}",
+             + f", {m['cores']} cores ({m['cpu_capability']}), torch threads {m['torch_threads']}, "
+               f"Python {m['python']}",
              "",
              "versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
              "",
@@ -254,8 +255,8 @@ def _step_section(results: dict) -> list[str]:
                 line += "."
             out += ["", line,
                     f"- HOG target: {hog['share_in_step']:.1%} of FastMIM's step measured inside the real steps "
-                    f"(forward hooks); alone on the same batch {hog['alone_s'] * 1e3:.1f} ms = {hog['share_alone']:.1%} "
-                    f"of the step (target <= {TARGETS['hog_share']:.0%}: "
+                    f"(forward hooks); alone on the same batch {hog['alone_s'] * 1e3:.1f} ms = "
+                    f"{hog['share_alone']:.1%} of the step (target <= {TARGETS['hog_share']:.0%}: "
                     f"{_ok(max(hog['share_in_step'], hog['share_alone']) <= TARGETS['hog_share'])}).", ""]
         z0 = p.get("vit_zero0")
         if z0:
@@ -263,7 +264,8 @@ def _step_section(results: dict) -> list[str]:
             zero2 = p["families"].get("vit", {}).get("methods", {})
             out += [f"**Where the ViT ratio goes** ({dev.upper()}): the FLOP ratio SimMIM / FastMIM is "
                     f"{sm['gflops_per_img'] / fm['gflops_per_img']:.2f}x. The same two steps under the same engine "
-                    f"with ZeRO stage 0 (one rank: nothing to shard) take {fm['step_s']:.3f} s and {sm['step_s']:.3f} s: "
+                    f"with ZeRO stage 0 (one rank: nothing to shard) take {fm['step_s']:.3f} s and "
+                    f"{sm['step_s']:.3f} s: "
                     f"**{sm['speedup_of_fastmim']:.2f}x**. ZeRO-2's per-step bookkeeping "
                     "(gradients copied into buckets and partitions, flattened, master weights copied back: the "
                     "`aten::copy_`/`aten::cat` rows of the profile below) costs about the same absolute time in both "
@@ -289,11 +291,13 @@ def _optimizer_ab(ab: dict, dev: str, dtype: str) -> list[str]:
     before, after = ab["before"], ab["after"]
     return [f"**Before/after: fused AdamW** (FastMIM ViT-B/16, {dev.upper()}, {dtype}, batch {ab['batch']}, "
             f"interleaved A, B, A, B; {ab['rounds']} rounds). Profiling the step put torch's default AdamW update "
-            f"(a chain of element-wise ops over the ZeRO flat fp32 partition) at {before['update_s'] / before['step_s']:.0%} "
+            "(a chain of element-wise ops over the ZeRO flat fp32 partition) at "
+            f"{before['update_s'] / before['step_s']:.0%} "
             f"of it; `fastmim_ds.optim.build_optimizer` now builds `torch.optim.AdamW(..., fused=True)` (one fused "
             f"kernel; numerically the same update up to fp32 rounding).", "",
             "| optimizer | s / step | img/s | optimizer update alone (s) |", "|---|---|---|---|",
-            f"| before: AdamW default (`fused=False`) | {before['step_s']:.3f} | {ab['batch'] / before['step_s']:.2f} | "
+            f"| before: AdamW default (`fused=False`) | {before['step_s']:.3f} | "
+            f"{ab['batch'] / before['step_s']:.2f} | "
             f"{before['update_s']:.3f} |",
             f"| after: AdamW `fused=True` (product) | {after['step_s']:.3f} | {ab['batch'] / after['step_s']:.2f} | "
             f"{after['update_s']:.3f} |",
@@ -314,7 +318,8 @@ def _util_section(results: dict) -> list[str]:
         for d, pk in peak.items():
             sizes = ", ".join(f"{n}: {v:.4g}" for n, v in pk["per_size"].items())
             out.append(f"| {d} | {pk['tflops']:.4g} | {pk['size']} | {sizes} |")
-        rounds = [f"{f['label'].split(' (')[0]}: " + ", ".join(f"{r[p['dtype']]:.4g}" for r in f.get("peaks_tflops", []))
+        rounds = [f"{f['label'].split(' (')[0]}: "
+                  + ", ".join(f"{r[p['dtype']]:.4g}" for r in f.get("peaks_tflops", []))
                   for f in p["families"].values() if f.get("peaks_tflops")]
         if rounds:
             out += ["", f"The {p['dtype']} peaks measured right before each round, which the utilisation below "

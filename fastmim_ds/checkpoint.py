@@ -242,5 +242,6 @@ def load_pretrained_encoder(path: str | Path, prefix: str = "encoder.") -> tuple
             logger.info("no ZeRO shards in %s (%s); reading module weights", tag_dir, e)
             state = torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=False)["module"]
     has_prefix = any(k.startswith(prefix) for k in state)
-    enc = {k[len(prefix):] if has_prefix else k: v.float() for k, v in state.items() if k.startswith(prefix) or not has_prefix}
+    enc = {k[len(prefix):] if has_prefix else k: v.float() for k, v in state.items()
+           if k.startswith(prefix) or not has_prefix}
     return enc, cfg

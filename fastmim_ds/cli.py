@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_int_in(-1, None), default=-1,
                    help="conversion threads/processes (-1 or 0 = all cores)")
 
-    p = sub.add_parser("check", help="validate a config before launching", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("check", help="validate a config before launching",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("kind", choices=["pretrain", "finetune", "linprobe"])
     _add_config_args(p)
     p.add_argument("--world-size", type=int, default=1, help="ranks per node (NUM_GPUS)")

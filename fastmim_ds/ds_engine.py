@@ -26,7 +26,8 @@ def load_ds_config(path: str) -> dict:
     """
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"train.ds_config: file not found: {p} (choices: {', '.join(sorted(map(str, Path('ds_configs').glob('*.json'))))})")
+        choices = ", ".join(sorted(map(str, Path("ds_configs").glob("*.json"))))
+        raise ConfigError(f"train.ds_config: file not found: {p} (choices: {choices})")
     try:
         cfg = json.loads(p.read_text())
     except json.JSONDecodeError as e:

@@ -45,7 +45,8 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
-from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from timm.models._hub import save_config_for_hf  # timm exports save_for_hf only; this writes config.json alone
 
 from . import models as _models  # noqa: F401  (registers the mixmim_* timm models)

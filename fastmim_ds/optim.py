@@ -37,7 +37,8 @@ def build_optimizer(model: nn.Module, optim: OptimCfg, derived: Resolved) -> tor
     return torch.optim.AdamW(groups, lr=derived.lr, betas=tuple(optim.betas), eps=optim.eps, fused=True)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimCfg, derived: Resolved, *, epochs: int) -> CosineLRScheduler:
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimCfg, derived: Resolved, *,
+                    epochs: int) -> CosineLRScheduler:
     """Warmup + half-cosine in fractional epochs: call ``step(epoch + i / updates_per_epoch)`` before each update.
 
     Fractional epochs (MAE ``adjust_learning_rate``) keep the schedule right when an epoch's number of updates

@@ -21,7 +21,15 @@ from .engine import LoopState, fit
 from .metrics import MetricsWriter
 from .models import create_mim_model
 from .optim import build_optimizer, build_scheduler, set_lr_multiplier
-from .runtime import Preemption, check_output_dir, git_sha, init_distributed, make_run_dir, seed_everything, setup_logging
+from .runtime import (
+    Preemption,
+    check_output_dir,
+    git_sha,
+    init_distributed,
+    make_run_dir,
+    seed_everything,
+    setup_logging,
+)
 from .validate import check_pretrain, check_resume_compatible
 from .visualize import EpochVisualizer
 

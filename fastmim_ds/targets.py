@@ -80,7 +80,10 @@ class HOGTarget(nn.Module):
 
     @torch.no_grad()
     def forward(self, imgs: torch.Tensor, stride: int) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, N, 3 * nbins * u * u) fp32 with u = stride / cell; inner order (c * nbins + bin, dy, dx)."""
+        """(B, 3, H, W) -> (B, N, 3 * nbins * u * u) fp32 with u = stride / cell.
+
+        Inner order: (c * nbins + bin, dy, dx).
+        """
         hist = self.histograms(imgs)  # (B, K, Hc, Wc)
         B, K, Hc, Wc = hist.shape
         u = stride // self.cell

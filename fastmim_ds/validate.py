@@ -39,7 +39,8 @@ def check_common(data, optim, train, world_size: int, *, need_val: bool) -> Reso
     for key in ("train", "val") if need_val else ("train",):
         p = Path(getattr(data, key))
         if not p.is_file():
-            raise ConfigError(f"data.{key}: {p} not found (create it with `make prepare-data SRC=<imagefolder> OUT=...`)")
+            raise ConfigError(f"data.{key}: {p} not found "
+                              "(create it with `make prepare-data SRC=<imagefolder> OUT=...`)")
     for key, low in (("ckpt_every", 1), ("ckpt_every_steps", 0), ("keep_last", 1), ("log_every", 1),
                      ("max_nonfinite", 1), ("max_steps_per_epoch", 0)):
         if getattr(train, key) < low:

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 pytestmark = pytest.mark.timeout(120)
@@ -21,7 +20,8 @@ def _check(*args: str) -> subprocess.CompletedProcess:
     ("data.img_size=120", "config error: data.img_size: image size 120 is not divisible by the mask block size 16"),
     ("train.epochs=ten", "config error: train.epochs: expected an integer, got 'ten'"),
     ("method=mae", "config error: method: unknown 'mae' (choices: fastmim"),
-    ("mask.block_size=24", "config error: mask.block_size: mask block size 24 must be a multiple of the encoder stride 16"),
+    ("mask.block_size=24",
+     "config error: mask.block_size: mask block size 24 must be a multiple of the encoder stride 16"),
 ])
 def test_bad_config_is_one_line_and_exit_2(override, message):
     proc = _check("--config", "configs/demo_pretrain.yaml", "--set", override)
@@ -45,5 +45,5 @@ def test_batch_arithmetic_for_hostfile(small_beton, tmp_path):
     # one optimizer step would need more images than the 240 in the beton
     proc = _check(*data, "--set", "train.micro_batch=256", "--set", "train.grad_accum=2")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == (f"config error: train.micro_batch: 256 x 2 accumulation x 16 ranks = 8192 images per "
-                                   f"step, but {small_beton / 'train.beton'} holds 240; lower it")
+    assert proc.stderr.strip() == ("config error: train.micro_batch: 256 x 2 accumulation x 16 ranks = 8192 images "
+                                   f"per step, but {small_beton / 'train.beton'} holds 240; lower it")

@@ -18,13 +18,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 from PIL import Image
 
-from conftest import REPO
 from fastmim_ds.cli import main as cli_main
 from fastmim_ds.data import convert
 from fastmim_ds.data.convert import (
-    ConversionError, convert_image_folder, load_rgb, read_beton_image, scan_image_folder, verify_beton,
+    ConversionError,
+    convert_image_folder,
+    load_rgb,
+    read_beton_image,
+    scan_image_folder,
+    verify_beton,
 )
 
 pytestmark = pytest.mark.timeout(120)

@@ -14,7 +14,12 @@ import torch
 from fastmim_ds.checkpoint import save
 from fastmim_ds.config import ClassifierCfg, FinetuneCfg, PretrainCfg, load_config, to_dict
 from fastmim_ds.export import (
-    create_model_from_export, export, fold_probe_head, read_checkpoint_model, read_export_config, timm_call,
+    create_model_from_export,
+    export,
+    fold_probe_head,
+    read_checkpoint_model,
+    read_export_config,
+    timm_call,
 )
 from fastmim_ds.models import create_mim_model
 from fastmim_ds.models.classifier import create_classifier

@@ -19,7 +19,14 @@ from timm.models.swin_transformer import get_relative_position_index
 from timm.optim import param_groups_layer_decay
 
 from fastmim_ds.config import (
-    ClassifierCfg, FinetuneCfg, MaskCfg, MIMModelCfg, OptimCfg, PretrainCfg, Resolved, load_config,
+    ClassifierCfg,
+    FinetuneCfg,
+    MaskCfg,
+    MIMModelCfg,
+    OptimCfg,
+    PretrainCfg,
+    Resolved,
+    load_config,
 )
 from fastmim_ds.masking import upsample_mask
 from fastmim_ds.models import FastMIM, adapter_for, create_mim_model

@@ -7,13 +7,13 @@ import json
 import pytest
 import timm
 import torch
+from conftest import REPO
 
 from fastmim_ds.config import ClassifierCfg, ConfigError, LinprobeCfg, LinprobeOptimCfg, load_config
 from fastmim_ds.export import create_model_from_export, export, read_checkpoint_model
 from fastmim_ds.linprobe import PROBE_BN_EPS, build_probe_optimizer, check_linprobe, create_probe, probe_ds_config
-from test_export import TINY_SWIN, TINY_VIT, pretrain_run  # noqa: F401  (fixture)
 
-from conftest import REPO
+from test_export import TINY_SWIN, TINY_VIT, pretrain_run  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.usefixtures("one_rank_group"), pytest.mark.timeout(300)]
 

@@ -22,8 +22,17 @@ from fastmim_ds.config import ClassifierCfg, FinetuneCfg, PretrainCfg, load_conf
 from fastmim_ds.models import ADAPTERS, METHODS, adapter_for, create_mim_model
 from fastmim_ds.models.classifier import create_classifier
 from fastmim_ds.models.mixmim import (
-    MixMIM, MixMIMAdapter, MixMIMTransformer, WindowAttention, checkpoint_filter_fn, draw_mix_mask,
-    dual_decoder_inputs, mix_tokens, sincos_pos_embed, stage_windows, unmix,
+    MixMIM,
+    MixMIMAdapter,
+    MixMIMTransformer,
+    WindowAttention,
+    checkpoint_filter_fn,
+    draw_mix_mask,
+    dual_decoder_inputs,
+    mix_tokens,
+    sincos_pos_embed,
+    stage_windows,
+    unmix,
 )
 from fastmim_ds.targets import PixelTarget
 
@@ -112,7 +121,10 @@ def test_mixmim_base_parameter_count():
         enc = timm.create_model("mixmim_base", num_classes=0)
         cfg = load_config(PretrainCfg, REPO / "configs/mixmim_base_224_600ep.yaml")
         mim = create_mim_model(cfg.method, cfg.model, cfg.mask, cfg.data.img_size)
-    count = lambda m, trainable=False: sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)
+
+    def count(m, trainable=False):
+        return sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)
+
     assert abs(count(clf) - 88.344e6) < 0.1e6, count(clf)
     assert count(clf) - count(enc) == 1024 * 1000 + 1000
     assert abs(count(enc) - 87.32e6) < 0.01e6, count(enc)

@@ -7,12 +7,11 @@ import json
 
 import pytest
 import torch
+from conftest import REPO
 
 from fastmim_ds.config import ConfigError, TrainCfg
 from fastmim_ds.ds_engine import build_ds_config, create_engine
 from fastmim_ds.metrics import MetricsWriter
-
-from conftest import REPO
 
 pytestmark = [pytest.mark.usefixtures("one_rank_group"), pytest.mark.timeout(120)]
 DS_FP32 = str(REPO / "ds_configs" / "zero2_fp32.json")

@@ -104,7 +104,8 @@ def test_nonfinite_with_grad_accumulation_skips_the_whole_update():
     engine, sched = _engine(2, accum=2)
     state = LoopState()
     before = {}
-    _run(engine, sched, state, Batches(8), nan_at={1}, on_update=lambda st: before.setdefault(st.global_step, _params(engine)))
+    _run(engine, sched, state, Batches(8), nan_at={1},
+         on_update=lambda st: before.setdefault(st.global_step, _params(engine)))
     assert (state.global_step, state.skipped_total) == (4, 1)
     assert all(torch.equal(a, b) for a, b in zip(before[1], before[2]))
 

@@ -12,8 +12,16 @@ from fastmim_ds.masking import upsample_mask
 from fastmim_ds.models import create_mim_model
 from fastmim_ds.targets import HOGTarget, patchify
 from fastmim_ds.visualize import (
-    EpochVisualizer, hog_glyphs, load_images, reconstruct, render_grid, tokens_to_cells, unpatchify, visualize,
+    EpochVisualizer,
+    hog_glyphs,
+    load_images,
+    reconstruct,
+    render_grid,
+    tokens_to_cells,
+    unpatchify,
+    visualize,
 )
+
 from test_export import TINY_MIXMIM, TINY_VIT, pretrain_run  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.usefixtures("one_rank_group"), pytest.mark.timeout(300)]

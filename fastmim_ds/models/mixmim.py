@@ -34,8 +34,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
-    DropPath, Mlp, PatchEmbed, build_sincos2d_pos_embed, gen_relative_position_index, resample_abs_pos_embed,
-    resize_rel_pos_bias_table_simple, to_2tuple, trunc_normal_,
+    DropPath,
+    Mlp,
+    PatchEmbed,
+    build_sincos2d_pos_embed,
+    gen_relative_position_index,
+    resample_abs_pos_embed,
+    resize_rel_pos_bias_table_simple,
+    to_2tuple,
+    trunc_normal_,
 )
 from timm.models import build_model_with_cfg, generate_default_cfgs, is_model_in_modules, register_model
 from timm.models.swin_transformer import PatchMerging, window_partition, window_reverse

@@ -281,8 +281,7 @@ def _run_part(args: argparse.Namespace, device: torch.device, dtype: str) -> dic
         return bench_family("vit", device=device, dtype=dtype, batch=args.batch or (16 if cpu else 128),
                             rounds=args.rounds, steps=args.steps or (1 if cpu else 5), warmup=args.warmup,
                             profile=False, methods=["fastmim", "simmim"], ds_config=str(path))
-    batch = (args.swin_batch if args.part == "swin" else args.batch) or (128 if not cpu else 8 if args.part == "swin"
-                                                                         else 16)
+    batch = (args.swin_batch if args.part == "swin" else args.batch) or (16 if cpu else 128)
     return bench_family(args.part, device=device, dtype=dtype, batch=batch, rounds=args.rounds,
                         steps=args.steps or (1 if cpu else 5), warmup=args.warmup, profile=not args.no_profile,
                         half=batch // 2)
@@ -293,7 +292,7 @@ def main() -> None:
     add_device_args(parser)
     parser.add_argument("--families", nargs="+", choices=tuple(FAMILIES), default=list(FAMILIES))
     parser.add_argument("--batch", type=int, default=None, help="images per step, all methods (cpu 16, cuda 128)")
-    parser.add_argument("--swin-batch", type=int, default=None, help="Swin-B batch (cpu 8, cuda 128)")
+    parser.add_argument("--swin-batch", type=int, default=None, help="Swin-B batch (cpu 16, cuda 128)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (A, B, C per round)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per method per round (cpu 1, cuda 5)")
     parser.add_argument("--warmup", type=int, default=2)

@@ -275,7 +275,7 @@ def _step_section(results: dict) -> list[str]:
                     + "so it takes a larger share of the shorter step. It does not grow with the batch (the 'fixed "
                     "s / step' column above, which also holds the AdamW update), so at the batch sizes of real "
                     "pre-training the images/s ratio tends to the per-image one. Both splits come from two batch "
-                    "sizes on a shared machine: read them to about +-10%.", ""]
+                    "sizes on a shared machine: read them to about +-10% (a fixed cost below zero is that noise).", ""]
         ab = p.get("optimizer_ab")
         if ab:
             out += _optimizer_ab(ab, dev, p["dtype"])

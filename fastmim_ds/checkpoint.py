@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "save", "find_resume", "load", "complete_tags", "read_client_state", "resolve_tag_dir", "load_pretrained_encoder",
-    "model_states_file", "CKPT_SUBDIR", "COMPLETE",
+    "model_states_file", "read_module_state", "CKPT_SUBDIR", "COMPLETE",
 ]
 
 CKPT_SUBDIR = "ckpt"
@@ -40,6 +40,12 @@ COMPLETE = "complete"  # marker file, written last by rank 0
 def model_states_file(tag_dir: Path) -> Path | None:
     """The module/client-state file of a DeepSpeed tag folder (ZeRO 0-2, or rank 0's under ZeRO-3); None if absent."""
     return next((Path(tag_dir) / n for n in MODEL_STATES if (Path(tag_dir) / n).is_file()), None)
+
+
+def read_module_state(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The module weights DeepSpeed stored in a tag's model-states file (complete for ZeRO-0 tags, whose weights live
+    there rather than in optimizer shards)."""
+    return torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=False)["module"]
 
 
 def _step_of(tag_dir: Path) -> int:
@@ -240,7 +246,7 @@ def load_pretrained_encoder(path: str | Path, prefix: str = "encoder.") -> tuple
             state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         except (ValueError, FileNotFoundError, KeyError, AssertionError, TypeError) as e:  # ZeRO-0: in the module
             logger.info("no ZeRO shards in %s (%s); reading module weights", tag_dir, e)
-            state = torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=False)["module"]
+            state = read_module_state(tag_dir)
     has_prefix = any(k.startswith(prefix) for k in state)
     enc = {k[len(prefix):] if has_prefix else k: v.float() for k, v in state.items()
            if k.startswith(prefix) or not has_prefix}

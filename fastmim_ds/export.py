@@ -50,7 +50,7 @@ from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from timm.models._hub import save_config_for_hf  # timm exports save_for_hf only; this writes config.json alone
 
 from . import models as _models  # noqa: F401  (registers the mixmim_* timm models)
-from .checkpoint import load_pretrained_encoder, model_states_file, read_client_state, resolve_tag_dir
+from .checkpoint import load_pretrained_encoder, read_client_state, read_module_state, resolve_tag_dir
 from .models.adapters import adapter_for
 
 logger = logging.getLogger(__name__)
@@ -157,8 +157,7 @@ def load_module_state(tag_dir: Path, prefix: str) -> dict[str, torch.Tensor]:
     """
     if any(Path(tag_dir).glob("*optim_states.pt")):
         return load_pretrained_encoder(tag_dir, prefix=prefix)[0]
-    module = torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=False)["module"]
-    return {k[len(prefix):]: v.float() for k, v in module.items() if k.startswith(prefix)}
+    return {k[len(prefix):]: v.float() for k, v in read_module_state(tag_dir).items() if k.startswith(prefix)}
 
 
 def read_checkpoint_model(path: str | Path) -> CheckpointModel:

@@ -51,6 +51,11 @@ class HOGTarget(nn.Module):
         """Values per token for an encoder of output stride ``stride`` px: 3 * nbins * (stride / cell)^2."""
         return 3 * self.nbins * (stride // self.cell) ** 2
 
+    def init_value(self) -> float:
+        """A typical target value for the decoder's initial bias: the entry of a uniform L2-normalised histogram
+        (1 / sqrt(nbins)) when normalised, else 0."""
+        return 1.0 / math.sqrt(self.nbins) if self.normalize else 0.0
+
     def check(self, img_size: tuple[int, int], stride: int) -> None:
         """Raises ValueError when cells do not tile the image or the tokens."""
         if stride % self.cell:
@@ -101,6 +106,10 @@ class PixelTarget(nn.Module):
 
     def out_dim(self, stride: int) -> int:
         return 3 * stride * stride
+
+    def init_value(self) -> float:
+        """0: the mean of a per-patch normalised target (and roughly of mean/std-normalised pixels)."""
+        return 0.0
 
     def check(self, img_size: tuple[int, int], stride: int) -> None:
         return None

@@ -26,7 +26,7 @@ from ..losses import masked_mse
 from ..masking import BlockMaskGenerator, upsample_mask
 from .adapters import EncoderAdapter
 
-__all__ = ["TokenDecoder", "FastMIM"]
+__all__ = ["TokenDecoder", "FastMIM", "init_prediction"]
 
 
 class TokenDecoder(nn.Module):
@@ -64,6 +64,18 @@ def _init_xavier(m: nn.Module) -> None:
     elif isinstance(m, nn.LayerNorm):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
+
+
+def init_prediction(pred: nn.Linear, value: float) -> None:
+    """Zero weight and a constant bias ``value``: the untrained decoder predicts one typical target value.
+
+    With xavier initialisation the first predictions have ~30x the variance of an L2-normalised HOG target
+    (mean 0.24, std 0.23 per value), and the first tens of updates only shrink them (measured on imagenette).
+    Starting from a constant puts the loss near that of the mean predictor at step 0; the zero weight still gets
+    gradients (d loss / d W = error x features), so learning starts at once.
+    """
+    nn.init.zeros_(pred.weight)
+    nn.init.constant_(pred.bias, value)
 
 
 class FastMIM(nn.Module):
@@ -108,6 +120,7 @@ class FastMIM(nn.Module):
             out_dim=target.out_dim(self.stride),
         )
         self.decoder.apply(_init_xavier)
+        init_prediction(self.decoder.pred, target.init_value())
         trunc_normal_(self.mask_token, std=0.02)
 
     def check_img_size(self, img_size: int) -> None:

@@ -217,8 +217,9 @@ def load_pretrained_encoder(path: str | Path, prefix: str = "encoder.") -> tuple
     """Reads the fp32 encoder weights of a pre-training run.
 
     Args:
-        path: run folder, ``<run>/ckpt``, a tag folder, or a ``.pth``/``.safetensors`` state dict (keys with or
-            without ``prefix``).
+        path: run folder, ``<run>/ckpt``, a tag folder, a ``.pth``/``.safetensors`` state dict (keys with or
+            without ``prefix``), or a pre-training YAML config: its model as the run would start (untrained, seeded
+            with ``train.seed``), the baseline that shows what pre-training added.
         prefix: module prefix of the encoder inside the MIM model.
 
     Returns:
@@ -228,7 +229,13 @@ def load_pretrained_encoder(path: str | Path, prefix: str = "encoder.") -> tuple
         FileNotFoundError: nothing loadable at ``path``.
     """
     path = Path(path)
-    if path.is_file():
+    if path.is_file() and path.suffix in (".yaml", ".yml"):  # the untrained baseline: the run's initialisation
+        from .config import to_dict
+        from .models import initial_mim_model
+
+        model, pre_cfg = initial_mim_model(path)
+        state, cfg = model.state_dict(), to_dict(pre_cfg)
+    elif path.is_file():
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 

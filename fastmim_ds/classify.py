@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from .checkpoint import CKPT_SUBDIR, find_resume, load, read_client_state
 from .config import ClassifierCfg, FinetuneCfg, LinprobeCfg, Resolved, dump_yaml, to_dict
-from .data.loaders import build_train_loader, build_val_loader
+from .data.loaders import build_train_loader, build_val_loader, labeled_subset
 from .engine import LoopState, StepFn, fit
 from .metrics import MetricsWriter
 from .models.classifier import LoadReport
@@ -133,10 +133,15 @@ def train_and_evaluate(
     dist, ckpt_dir = run.dist, run.dir / CKPT_SUBDIR
     common = dict(img_size=cfg.data.img_size, num_workers=cfg.data.num_workers, device=dist.device,
                   os_cache=cfg.data.os_cache)
+    subset = labeled_subset(cfg.data.train, fraction=cfg.data.labels_fraction, per_class=cfg.data.labels_per_class,
+                            seed=cfg.data.labels_seed)
+    if subset is not None:
+        log.info("labelled subset: %d images of %s (labels_fraction %g, labels_per_class %d, seed %d)", len(subset),
+                 cfg.data.train, cfg.data.labels_fraction, cfg.data.labels_per_class, cfg.data.labels_seed)
     train_loader = build_train_loader(
         cfg.data.train, batch_size=cfg.train.micro_batch, scale=cfg.data.rrc_scale, ratio=cfg.data.rrc_ratio,
         hflip=cfg.data.hflip, seed=cfg.train.seed, distributed=dist.world_size > 1,
-        batches_ahead=cfg.data.batches_ahead, **common,
+        batches_ahead=cfg.data.batches_ahead, indices=subset, **common,
     )
     val_loader = build_val_loader(cfg.data.val, batch_size=cfg.train.micro_batch, crop_ratio=cfg.data.val_crop_ratio,
                                   rank=dist.rank, world_size=dist.world_size, **common)

@@ -140,6 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_int_in(0, None), default=0, help="mask seed")
     p.add_argument("--panel", type=_int_in(16, 1024), default=128, help="panel side in px")
 
+    p = sub.add_parser("knn", help="weighted k-NN top-1 of an encoder's frozen features (train = bank, val = queries)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       epilog="SOURCE: a pre-training run folder or checkpoint tag (its encoder), a pre-training YAML "
+                              "config (the encoder as that run starts: the untrained baseline), or timm:<name>")
+    p.add_argument("source", help="run folder, checkpoint tag, pre-training YAML config or timm:<name>")
+    p.add_argument("--train", default=None, help="train .beton (the bank); default: the source config's data.train")
+    p.add_argument("--val", default=None, help="val .beton (the queries); default: the source config's data.val")
+    p.add_argument("--img-size", type=_int_in(8, None), default=None, help="default: the source config's")
+    p.add_argument("--k", type=_int_in(1, None), default=20, help="neighbours")
+    p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cosine / temperature)")
+    p.add_argument("--bank-images", type=_int_in(0, None), default=0, help="train images in the bank (0 = all)")
+    p.add_argument("--batch-size", type=_int_in(1, None), default=256)
+    p.add_argument("--workers", type=_int_in(1, None), default=2, help="FFCV decoding threads")
+    p.add_argument("--json", default=None, help="also write the result as JSON to this file")
+
     p = sub.add_parser("predict", help="classify images with a fine-tuned run or an exported classifier",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("weights", help="fine-tuning/linear-probe run (or checkpoint tag), or exported .safetensors/folder")
@@ -165,6 +180,39 @@ def _visualize(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     print(visualize(args.checkpoint, args.images, args.out, num_images=args.num_images, seed=args.seed,
                     panel=args.panel))
+    return 0
+
+
+def _knn(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .data.loaders import build_val_loader, dataset_labels, dataset_size
+    from .knn import encoder_features, knn_evaluate, load_source
+    from .quality import spread_indices
+    from .validate import read_classes
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    model, data = load_source(args.source, img_size=args.img_size)
+    train, val = args.train or data["train"], args.val or data["val"]
+    if not train or not val:
+        raise FileNotFoundError(f"{args.source}: name the data with --train and --val")
+    cpu = torch.device("cpu")
+    common = dict(img_size=data["img_size"], batch_size=args.batch_size, crop_ratio=224 / 256,
+                  num_workers=args.workers, rank=0, world_size=1, device=cpu)
+    bank = build_val_loader(train, indices=spread_indices(dataset_size(train), args.bank_images), **common)
+    queries = build_val_loader(val, **common)
+    num_classes = len(read_classes(train)) or int(dataset_labels(train).max()) + 1
+    result = knn_evaluate(encoder_features(model), bank, queries, num_classes=num_classes, device=cpu, k=args.k,
+                          temperature=args.temperature, model=model)
+    result.update(source=args.source, train=train, val=val, img_size=data["img_size"], k=args.k,
+                  temperature=args.temperature)
+    print(f"k-NN top-1 {result['knn_top1']:.2f}% | k {args.k}, temperature {args.temperature} | bank "
+          f"{result['knn_bank']} train images, {result['knn_queries']} val queries at {data['img_size']} px | "
+          f"{result['knn_seconds']:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 
@@ -215,9 +263,10 @@ def main(argv: list[str] | None = None) -> int:
 
             linprobe.main(load_config(LinprobeCfg, args.config, _finetune_overrides(args)), resume=args.resume)
             return 0
-        if args.command in ("export", "visualize", "predict"):
+        if args.command in ("export", "visualize", "predict", "knn"):
             try:
-                return {"export": _export, "visualize": _visualize, "predict": _predict}[args.command](args)
+                return {"export": _export, "visualize": _visualize, "predict": _predict,
+                        "knn": _knn}[args.command](args)
             except ValueError as e:  # a checkpoint of the wrong kind, weights that do not fit the architecture
                 print(f"error: {e}", file=sys.stderr)
                 return 2

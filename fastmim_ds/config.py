@@ -23,7 +23,7 @@ import yaml
 __all__ = [
     "ConfigError", "DataCfg", "MaskCfg", "MIMModelCfg", "OptimCfg", "TrainCfg", "PretrainCfg",
     "Stage", "ClassifierCfg", "AugCfg", "FinetuneCfg", "Resolved", "load_config", "resolve", "to_dict", "dump_yaml",
-    "VisCfg", "LinprobeOptimCfg", "LinprobeCfg",
+    "VisCfg", "LinprobeOptimCfg", "LinprobeCfg", "PretrainEvalCfg",
 ]
 
 
@@ -43,6 +43,11 @@ class DataCfg:
     num_workers: int = 8  # FFCV decoding threads per rank
     os_cache: bool = True  # page-cache the .beton, shared by the ranks of a node (FFCV docs)
     batches_ahead: int = 3
+    # Label-efficient fine-tuning / linear probing: a seeded, class-balanced subset of data.train (the same subset for
+    # every run with the same values; see fastmim_ds.data.loaders.labeled_subset). Pre-training ignores them.
+    labels_fraction: float = 1.0  # keep round(fraction x class size) images per class; 1.0 = all
+    labels_per_class: int = 0  # >0: keep this many images per class instead (overrides labels_fraction)
+    labels_seed: int = 0
 
 
 @dataclass
@@ -111,6 +116,21 @@ class VisCfg:
 
 
 @dataclass
+class PretrainEvalCfg:
+    """Quality signals measured during pre-training on ``data.val`` (``fastmim_ds.quality``)."""
+
+    skill_every: int = 1  # epochs between reconstruction-skill measurements (masked MSE vs the mean predictor); 0 = off
+    skill_images: int = 256  # fixed val images with fixed masks (seed below)
+    skill_mean_images: int = 1024  # train images whose per-position mean target is the reference predictor
+    knn_every: int = 0  # epochs between weighted k-NN top-1 measurements of the encoder; 0 = off
+    knn_k: int = 20  # neighbours (DINO, solo-learn)
+    knn_temperature: float = 0.07
+    knn_bank_images: int = 0  # train images in the k-NN bank, spread over the set; 0 = all
+    batch_size: int = 256  # images per forward during these measurements (per rank)
+    seed: int = 0  # mask seed of the skill images
+
+
+@dataclass
 class PretrainCfg:
     method: str = "fastmim"
     model: MIMModelCfg = field(default_factory=MIMModelCfg)
@@ -123,6 +143,7 @@ class PretrainCfg:
     # encoder_kwargs such as a Swin window refer to); each stage's lr follows its effective batch.
     progressive: list[tuple[int, int, int, int]] = field(default_factory=list)
     vis: VisCfg = field(default_factory=VisCfg)
+    eval: PretrainEvalCfg = field(default_factory=PretrainEvalCfg)
 
     def stages(self) -> list["Stage"]:
         """The resolution stages in order (one when ``progressive`` is empty)."""

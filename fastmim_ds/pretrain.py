@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 
 from .checkpoint import CKPT_SUBDIR, find_resume, load, read_client_state
 from .config import PretrainCfg, Stage, dump_yaml, resolve, to_dict
-from .data.loaders import build_train_loader
+from .data.loaders import build_train_loader, dataset_labels
 from .ds_engine import build_ds_config, create_engine
 from .engine import LoopState, fit
 from .metrics import MetricsWriter
 from .models import create_mim_model
 from .optim import build_optimizer, build_scheduler, set_lr_multiplier
+from .quality import QualityMonitor
 from .runtime import (
     Preemption,
     check_output_dir,
@@ -30,7 +32,7 @@ from .runtime import (
     seed_everything,
     setup_logging,
 )
-from .validate import check_pretrain, check_resume_compatible
+from .validate import check_pretrain, check_resume_compatible, read_classes
 from .visualize import EpochVisualizer
 
 logger = logging.getLogger(__name__)
@@ -90,11 +92,15 @@ def main(cfg: PretrainCfg, *, resume: str | None = None) -> dict:
     vis = EpochVisualizer(cfg.vis, data_train=cfg.data.train, run_dir=run_dir, write=dist.is_main,
                           hog_bins=cfg.model.hog_bins, hog_cell=cfg.model.hog_cell)
 
+    quality = _quality_monitor(cfg, engine.module, dist)
+
     def end_epoch(epoch: int, stats: dict) -> None:
-        logger.info("epoch %d/%d | loss %.4f | %.1f img/s | %.0f s", epoch + 1, cfg.train.epochs, stats["loss"],
-                    stats["img_per_s"], stats["seconds"])
-        metrics.write(epoch_end=epoch, train_loss=stats["loss"], img_per_s=stats["img_per_s"],
-                      img_size=current["stage"].img_size)
+        img_size = current["stage"].img_size
+        signals = quality(engine.module, epoch, img_size) if quality else {}  # every rank (collectives)
+        logger.info("epoch %d/%d | loss %.4f | %.1f img/s | %.0f s%s", epoch + 1, cfg.train.epochs, stats["loss"],
+                    stats["img_per_s"], stats["seconds"], _signals_text(signals))
+        metrics.write(epoch_end=epoch, train_loss=stats["loss"], img_per_s=stats["img_per_s"], img_size=img_size,
+                      **signals)
         if vis.due(epoch):  # every rank: ZeRO-3 gathers parameters collectively; rank 0 writes <run>/vis/
             vis(engine.module, epoch, current["stage"].img_size)
 
@@ -108,6 +114,36 @@ def main(cfg: PretrainCfg, *, resume: str | None = None) -> dict:
     )
     logger.info("%s: %s", "preempted" if stats["preempted"] else "done", run_dir)
     return {**stats, "run_dir": str(run_dir)}
+
+
+def _quality_monitor(cfg: PretrainCfg, model, dist) -> QualityMonitor | None:
+    """The run's quality signals, or None when none is on or there is no val set to measure them on."""
+    ev = cfg.eval
+    if not (ev.skill_every or ev.knn_every):
+        return None
+    if not Path(cfg.data.val).is_file():  # k-NN without a val set is refused before launch
+        logger.warning("no val set at %s: reconstruction skill is not measured (set data.val)", cfg.data.val)
+        return None
+    if ev.skill_every and not all(hasattr(model, a) for a in ("target", "stride", "mask_generator")):
+        logger.warning("%s: reconstruction skill needs a FastMIM-style model; not measured", cfg.method)
+        ev = dataclasses.replace(ev, skill_every=0)
+    if ev.knn_every and not hasattr(model, "adapter"):
+        logger.warning("%s: k-NN needs an encoder with an adapter; not measured", cfg.method)
+        ev = dataclasses.replace(ev, knn_every=0)
+    classes = read_classes(cfg.data.train)
+    num_classes = len(classes) or int(dataset_labels(cfg.data.train).max()) + 1
+    return QualityMonitor(ev, train=cfg.data.train, val=cfg.data.val, num_classes=num_classes, rank=dist.rank,
+                          world_size=dist.world_size, device=dist.device, num_workers=cfg.data.num_workers)
+
+
+def _signals_text(signals: dict) -> str:
+    text = ""
+    if "skill_ratio" in signals:
+        text += (f" | skill {signals['skill_ratio']:.3f} (masked MSE {signals['skill_mse']:.4g} vs mean predictor "
+                 f"{signals['skill_mean_mse']:.4g})")
+    if "knn_top1" in signals:
+        text += f" | k-NN top-1 {signals['knn_top1']:.2f}% ({signals['knn_seconds']:.0f} s)"
+    return text
 
 
 def _enter_stage(stage: Stage, current: dict, cfg: PretrainCfg, engine, optimizer, base_lr: float, dist) -> None:

@@ -45,8 +45,17 @@ def check_common(data, optim, train, world_size: int, *, need_val: bool) -> Reso
                      ("max_nonfinite", 1), ("max_steps_per_epoch", 0)):
         if getattr(train, key) < low:
             raise ConfigError(f"train.{key} must be >= {low}, got {getattr(train, key)}")
+    if not 0 < data.labels_fraction <= 1:
+        raise ConfigError(f"data.labels_fraction must be in (0, 1], got {data.labels_fraction}")
+    if data.labels_per_class < 0:
+        raise ConfigError(f"data.labels_per_class must be >= 0, got {data.labels_per_class}")
     load_ds_config(train.ds_config)
     n = _num_images(data.train)
+    if data.labels_fraction < 1 or data.labels_per_class:
+        from .data.loaders import labeled_subset
+
+        n = len(labeled_subset(data.train, fraction=data.labels_fraction, per_class=data.labels_per_class,
+                               seed=data.labels_seed))
     per_update = train.micro_batch * train.grad_accum * world_size
     if n < per_update:
         raise ConfigError(f"train.micro_batch: {train.micro_batch} x {train.grad_accum} accumulation x {world_size} "
@@ -99,6 +108,21 @@ def _check_stages(cfg: PretrainCfg, world_size: int) -> None:
                               f"got {s.micro_batch}")
 
 
+def _check_eval(cfg: PretrainCfg, *, check_files: bool) -> None:
+    ev = cfg.eval
+    for key in ("skill_every", "knn_every", "knn_bank_images"):
+        if getattr(ev, key) < 0:
+            raise ConfigError(f"eval.{key} must be >= 0, got {getattr(ev, key)}")
+    for key in ("skill_images", "skill_mean_images", "knn_k", "batch_size"):
+        if getattr(ev, key) < 1:
+            raise ConfigError(f"eval.{key} must be >= 1, got {getattr(ev, key)}")
+    if ev.knn_temperature <= 0:
+        raise ConfigError(f"eval.knn_temperature must be > 0, got {ev.knn_temperature}")
+    if check_files and ev.knn_every and not Path(cfg.data.val).is_file():
+        raise ConfigError(f"eval.knn_every: the k-NN queries come from data.val, and {cfg.data.val} is not found; "
+                          "set data.val or eval.knn_every=0")
+
+
 def check_pretrain(cfg: PretrainCfg, world_size: int, *, check_files: bool = True) -> Resolved:
     """Validates a pre-training config for ``world_size`` ranks; returns the derived values (first stage).
 
@@ -123,6 +147,7 @@ def check_pretrain(cfg: PretrainCfg, world_size: int, *, check_files: bool = Tru
             model.check_img_size(s.img_size)
         except ValueError as e:
             raise ConfigError(f"progressive: stage from epoch {s.start_epoch}: {e}") from None
+    _check_eval(cfg, check_files=check_files)
     first = cfg.stages()[0]
     train = dataclasses.replace(cfg.train, micro_batch=first.micro_batch, grad_accum=first.grad_accum)
     if check_files:

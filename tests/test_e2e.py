@@ -36,7 +36,8 @@ def _check(proc) -> None:
 
 def _pretrain_args(beton: Path, out: Path, run: str) -> list[str]:
     return ["pretrain", *_sets(TINY + [
-        f"data.train={beton}", "data.img_size=64", "data.num_workers=1",
+        f"data.train={beton}", f"data.val={beton.with_name('val.beton')}", "data.img_size=64", "data.num_workers=1",
+        "eval.knn_every=2", "eval.skill_images=32", "eval.skill_mean_images=64", "eval.batch_size=64",
         "optim.blr=2e-3", "optim.warmup_epochs=1", "train.epochs=4", "train.micro_batch=16", "train.log_every=1",
         "train.ckpt_every=2", "train.ckpt_every_steps=3", "train.keep_last=2", f"train.output_dir={out}",
         f"train.run_name={run}", "train.ds_config=ds_configs/zero2_fp32.json",
@@ -66,6 +67,13 @@ def test_pretrain_two_ranks_loss_decreases(pretrain_run):
     assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step00000027", "step00000028"]
     assert all((ckpt / t / "complete").is_file() for t in ("step00000027", "step00000028"))
     assert "eff_batch: 32" in (pretrain_run / "config.yaml").read_text()
+    # quality signals: reconstruction skill every epoch, k-NN every 2nd, the same numbers in the log
+    assert all(r["skill_ratio"] > 0 and r["skill_mean_mse"] > 0 for r in epochs)
+    assert [r["epoch_end"] for r in epochs if "knn_top1" in r] == [1, 3]
+    knn = [r for r in epochs if "knn_top1" in r][-1]
+    assert 0 <= knn["knn_top1"] <= 100 and knn["knn_bank"] == 240 and knn["knn_queries"] == 80
+    assert knn["knn_seconds"] > 0
+    assert f"k-NN top-1 {knn['knn_top1']:.2f}%" in (pretrain_run / "log.txt").read_text()
 
 
 def _losses(run: Path) -> dict[int, float]:
@@ -146,3 +154,21 @@ def test_bf16_zero2_two_ranks(small_beton, tmp_path):
     steps = [r for r in _rows(tmp_path / "bf16") if "step" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert all(0 < r["loss"] < 10 for r in steps)
+
+
+def test_quality_signals_under_zero3_on_two_ranks(small_beton, tmp_path):
+    """k-NN and the skill ratio run on every rank when ZeRO-3 partitions every parameter (collective gathers)."""
+    ds = tmp_path / "zero3_fp32.json"
+    ds.write_text(json.dumps({"bf16": {"enabled": False}, "steps_per_print": 10**9,
+                              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
+    args = ["pretrain", *_sets([
+        "model.encoder_kwargs={embed_dim: 32, depth: 1, num_heads: 1}", "model.decoder_dim=32",
+        f"data.train={small_beton / 'train.beton'}", f"data.val={small_beton / 'val.beton'}", "data.img_size=32",
+        "data.num_workers=1", "optim.warmup_epochs=0", "train.epochs=1", "train.micro_batch=8",
+        "train.max_steps_per_epoch=2", f"train.output_dir={tmp_path}", "train.run_name=z3", f"train.ds_config={ds}",
+        "eval.knn_every=1", "eval.skill_images=24", "eval.skill_mean_images=48", "eval.batch_size=32",
+    ])]
+    _check(run_deepspeed(args, cwd=REPO, port=29718))
+    (row,) = [r for r in _rows(tmp_path / "z3") if "epoch_end" in r]
+    assert row["knn_bank"] == 240 and row["knn_queries"] == 80 and 0 <= row["knn_top1"] <= 100
+    assert 0 < row["skill_ratio"] < 100

@@ -59,7 +59,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "FFCVLoader", "SeededRRCDecoder", "random_resized_crop_params",
-    "build_train_loader", "build_val_loader",
+    "build_train_loader", "build_val_loader", "dataset_size", "dataset_labels", "labeled_subset",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -416,6 +416,50 @@ def _fix_ffcv_os_cache_reader() -> None:
     OSCacheManager.compile_reader = compile_reader
 
 
+def dataset_size(path: str) -> int:
+    """Number of images in a beton.
+
+    Raises:
+        FileNotFoundError: ``path`` missing.
+    """
+    return int(Reader(str(_check_beton(path))).num_samples)
+
+
+def dataset_labels(path: str) -> np.ndarray:
+    """(N,) int64 label of every image of a beton, in sample order (read from its metadata, no decoding)."""
+    reader = Reader(str(_check_beton(path)))
+    field = reader.field_names.index("label")
+    return np.asarray(reader.metadata[f"f{field}"], dtype=np.int64)
+
+
+def labeled_subset(path: str, *, fraction: float = 1.0, per_class: int = 0, seed: int = 0) -> np.ndarray | None:
+    """A class-balanced, seeded subset of a beton's images: the semi-supervised protocol (SimCLR, MAE-style papers).
+
+    From each class it keeps ``per_class`` images (all when the class has fewer) or, with ``per_class`` 0,
+    ``max(1, round(fraction * class size))`` images, drawn by ``np.random.default_rng(seed)`` class by class in
+    label order. The same (path, fraction, per_class, seed) gives the same subset on any machine and world size,
+    so a pre-trained and a from-scratch run see identical labels.
+
+    Returns:
+        sorted uint64 sample indices, or None for the whole set (``fraction`` 1 and ``per_class`` 0).
+
+    Raises:
+        ValueError: ``fraction`` outside (0, 1] or ``per_class`` < 0.
+    """
+    if not 0 < fraction <= 1 or per_class < 0:
+        raise ValueError(f"labels fraction must be in (0, 1] and labels per class >= 0 (got {fraction}, {per_class})")
+    if fraction == 1 and per_class == 0:
+        return None
+    labels = dataset_labels(path)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        n = min(per_class, len(members)) if per_class else max(1, round(fraction * len(members)))
+        keep.append(rng.choice(members, size=n, replace=False))
+    return np.sort(np.concatenate(keep)).astype(np.uint64)
+
+
 def _pipelines(decoder, *, device: torch.device) -> dict:
     image = [decoder]
     if device.type == "cpu":
@@ -432,7 +476,7 @@ def _pipelines(decoder, *, device: torch.device) -> dict:
 def build_train_loader(
     path: str, *, img_size: int, batch_size: int, scale: tuple[float, float], ratio: tuple[float, float],
     hflip: bool, num_workers: int, seed: int, distributed: bool, device: torch.device, os_cache: bool = True,
-    batches_ahead: int = 3, torch_threads: int | None = None,
+    batches_ahead: int = 3, torch_threads: int | None = None, indices: np.ndarray | None = None,
 ) -> FFCVLoader:
     """Shuffled, ``drop_last`` training loader with seeded RandomResizedCrop + flip; with ``distributed`` each rank
     reads its own shard.
@@ -457,6 +501,7 @@ def build_train_loader(
         os_cache: read through the OS page cache (shared by the ranks) rather than a per-process cache.
         batches_ahead: batches decoded ahead of the consumer.
         torch_threads: torch intra-op threads to keep (default: the current count).
+        indices: train on these sample indices only (e.g. :func:`labeled_subset`); None = all.
 
     Raises:
         FileNotFoundError: ``path`` missing.
@@ -469,6 +514,7 @@ def build_train_loader(
         str(_check_beton(path)), batch_size=batch_size, num_workers=num_workers, order=OrderOption.RANDOM,
         distributed=distributed, seed=seed, drop_last=True, os_cache=os_cache, batches_ahead=batches_ahead,
         pipelines=_pipelines(decoder, device=device), seeded_decoders=(decoder,),
+        indices=None if indices is None else np.asarray(indices, dtype=np.uint64),
     )
     if len(loader) == 0:
         raise ValueError(f"{path}: fewer images per rank than one batch of {batch_size} (lower train.micro_batch)")
@@ -478,18 +524,22 @@ def build_train_loader(
 def build_val_loader(
     path: str, *, img_size: int, batch_size: int, crop_ratio: float, num_workers: int, rank: int, world_size: int,
     device: torch.device, os_cache: bool = True, torch_threads: int | None = None,
+    indices: np.ndarray | None = None,
 ) -> FFCVLoader:
     """Sequential evaluation loader; rank r reads images r, r + W, ... so every image is counted exactly once
     (FFCV's distributed mode pads with repeats, like ``DistributedSampler``).
+
+    ``indices`` restricts it to a subset of the beton (sample indices, in order); rank r then reads
+    ``indices[r::W]``.
     """
     _fix_ffcv_os_cache_reader()
     threads = torch_threads or torch.get_num_threads()
     p = str(_check_beton(path))
-    n = Reader(p).num_samples
+    subset = np.arange(Reader(p).num_samples) if indices is None else np.asarray(indices)
     decoder = CenterCropRGBImageDecoder((img_size, img_size), ratio=crop_ratio)
     loader = _ResumableLoader(
         p, batch_size=batch_size, num_workers=num_workers, order=OrderOption.SEQUENTIAL, drop_last=False,
-        indices=np.arange(rank, n, world_size, dtype=np.uint64), os_cache=os_cache,  # int64 would mix with
+        indices=subset[rank::world_size].astype(np.uint64), os_cache=os_cache,  # int64 would mix with
         # FFCV's uint64 offsets and promote to float64 (numpy rule), which its numba decoder rejects
         pipelines=_pipelines(decoder, device=device),
     )

@@ -1,16 +1,20 @@
 """Model registry: MIM methods by name, encoders from timm through per-family adapters."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
 import torch.nn as nn
 
-from ..config import MaskCfg, MIMModelCfg
+from ..config import MaskCfg, MIMModelCfg, PretrainCfg, load_config
 from ..targets import build_target
 from .adapters import ADAPTERS, adapter_for
 from .mim import FastMIM, TokenDecoder, _init_xavier
 from .mixmim import MixMIM, MixMIMAdapter, MixMIMTransformer, build_mixmim
 
 __all__ = [
-    "METHODS", "create_mim_model", "adapter_for", "ADAPTERS", "FastMIM", "TokenDecoder", "MixMIM", "MixMIMTransformer",
+    "METHODS", "create_mim_model", "initial_mim_model", "adapter_for", "ADAPTERS", "FastMIM", "TokenDecoder", "MixMIM",
+    "MixMIMTransformer",
 ]
 
 # MixMIM backbones are registered in timm by importing .mixmim (timm module name "mixmim")
@@ -61,3 +65,16 @@ def create_mim_model(method: str, model: MIMModelCfg, mask: MaskCfg, img_size: i
     if method not in METHODS:
         raise ValueError(f"unknown method '{method}' (choices: {', '.join(METHODS)})")
     return METHODS[method](model, mask, img_size)
+
+
+def initial_mim_model(config: str | Path) -> tuple[nn.Module, PretrainCfg]:
+    """The pre-training model of a YAML config exactly as its run starts (rank 0: seeded with ``train.seed``):
+    the *untrained* baseline of k-NN, linear probing and fine-tuning.
+
+    Raises:
+        ConfigError: the config does not load.
+        ValueError: as :func:`create_mim_model`.
+    """
+    cfg = load_config(PretrainCfg, config)
+    torch.manual_seed(cfg.train.seed)
+    return create_mim_model(cfg.method, cfg.model, cfg.mask, cfg.data.img_size), cfg

@@ -1,0 +1,59 @@
+"""Quality curves of a finished pre-training run, read from its checkpoints: for the initialisation (the run's YAML
+config) and every kept checkpoint tag, the reconstruction skill and the weighted k-NN top-1, measured exactly as
+during training (fastmim_ds.quality.QualityMonitor, one rank, centre crops at the run's size).
+
+    python studies/curves.py RUN_DIR CONFIG.yaml --val data/imagenette128/val.beton --out results.jsonl
+
+The study runs were started before the in-training signals existed; later runs log the same fields in their
+metrics.jsonl (``eval.skill_every``, ``eval.knn_every``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from fastmim_ds.checkpoint import CKPT_SUBDIR, complete_tags, read_client_state
+from fastmim_ds.config import PretrainEvalCfg
+from fastmim_ds.models import initial_mim_model
+from fastmim_ds.quality import QualityMonitor
+from fastmim_ds.validate import read_classes
+from fastmim_ds.visualize import load_mim_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run")
+    ap.add_argument("config", help="the run's pre-training YAML (its initialisation is the first point)")
+    ap.add_argument("--val", required=True)
+    ap.add_argument("--bank-images", type=int, default=0, help="k-NN bank size, spread over the train set (0 = all)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    init, cfg = initial_mim_model(args.config)
+    ev = PretrainEvalCfg(skill_every=1, knn_every=1, knn_bank_images=args.bank_images)
+    mon = QualityMonitor(ev, train=cfg.data.train, val=args.val, num_classes=len(read_classes(cfg.data.train)),
+                         rank=0, world_size=1, device=torch.device("cpu"), num_workers=2)
+    points = [("init", -1, init)]
+    for tag in complete_tags(Path(args.run) / CKPT_SUBDIR):
+        epoch = read_client_state(tag)["epoch"] - 1  # the loop state names the next epoch
+        points.append((tag.name, epoch, load_mim_model(tag)[0]))
+    done = set()
+    out = Path(args.out)
+    if out.is_file():
+        done = {json.loads(line)["tag"] for line in out.read_text().splitlines()}
+    for tag, epoch, model in points:
+        if tag in done:
+            continue
+        t0 = time.time()
+        row = {"tag": tag, "epochs_done": epoch + 1, **mon(model, 0, cfg.data.img_size)}
+        row["seconds"] = round(time.time() - t0, 1)
+        print(json.dumps(row), flush=True)
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -22,6 +22,13 @@ def _check(*args: str) -> subprocess.CompletedProcess:
     ("method=mae", "config error: method: unknown 'mae' (choices: fastmim"),
     ("mask.block_size=24",
      "config error: mask.block_size: mask block size 24 must be a multiple of the encoder stride 16"),
+    # issue 17: YAML flow syntax without spaces used to merge {"depth:6": None, ...}, which timm dropped
+    ("model.encoder_kwargs={depth:6,patch_size:8}",
+     "config error: model.encoder_kwargs: key 'depth:6' contains ':' (YAML reads 'name:value' without a space as "
+     "one key with no value); write --set \"model.encoder_kwargs={depth: 6, patch_size: 8}\""),
+    ("model.encoder_kwargs={patch_sise: 8}",
+     "config error: model.encoder_kwargs: VisionTransformer (vit_tiny_patch16_224) takes no argument 'patch_sise' "
+     "(did you mean 'patch_size'?)"),
 ])
 def test_bad_config_is_one_line_and_exit_2(override, message):
     proc = _check("--config", "configs/demo_pretrain.yaml", "--set", override)

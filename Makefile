@@ -36,7 +36,11 @@ WRITE_MODE ?= jpg
 # `make demo` runs on a generated dataset unless DATA points at an ImageFolder (train/ and val/ inside).
 DATA       ?=
 
-LAUNCH = $(VENV)/bin/deepspeed $(if $(HOSTFILE),--hostfile $(HOSTFILE),--num_gpus $(NUM_GPUS)) --master_port $(MASTER_PORT) --module fastmim_ds
+# Quiet by default: the deepspeed launcher's INFO lines go to LAUNCH_LOG (fastmim_ds/launch.py); VERBOSE=1 prints
+# everything (launcher lines, DeepSpeed's notices, every repetition of a warning).
+VERBOSE    ?=
+LAUNCH_LOG ?= $(or $(OUTPUT_DIR),output)/launcher.log
+LAUNCH = $(PY) -m fastmim_ds.launch $(if $(filter-out 0,$(VERBOSE)),--verbose) --log $(LAUNCH_LOG) -- $(VENV)/bin/deepspeed $(if $(HOSTFILE),--hostfile $(HOSTFILE),--num_gpus $(NUM_GPUS)) --master_port $(MASTER_PORT) --module fastmim_ds
 OVERRIDES = $(foreach s,$(SET),--set $(s)) $(if $(OUTPUT_DIR),--set train.output_dir=$(OUTPUT_DIR))
 
 .PHONY: help install test test-gpu lint demo prepare-imagenet prepare-data pretrain finetune linprobe export visualize bench clean
@@ -61,7 +65,7 @@ lint:
 	$(PY) -m ruff check fastmim_ds tests data_prep benchmarks
 
 demo:  ## whole chain (convert -> pre-train -> fine-tune) on 2 CPU/GPU ranks; DATA=/imagefolder for real images
-	bash data_prep/demo.sh "$(DATA)" "$(NUM_GPUS)"
+	VERBOSE="$(filter-out 0,$(VERBOSE))" bash data_prep/demo.sh "$(DATA)" "$(NUM_GPUS)"
 
 prepare-imagenet:  ## IMAGENET=/path/to/ILSVRC (with train/ and val/ class folders) -> data/imagenet/{train,val}.beton
 	@test -n "$(IMAGENET)" || { echo "error: set IMAGENET=/path/to/imagenet (folder with train/ and val/)"; exit 2; }

@@ -26,6 +26,10 @@ PRE=(--config configs/demo_pretrain.yaml --set "data.train=$OUT/train.beton" --s
 FT=(--config configs/demo_finetune.yaml --set "data.train=$OUT/train.beton" --set "data.val=$OUT/val.beton"
     --set "train.run_name=$RUN-finetune" --pretrained "output/demo/$RUN-pretrain")
 "$PY" -m fastmim_ds check pretrain "${PRE[@]}" --world-size "$NUM"
-"$(dirname "$PY")/deepspeed" --num_gpus "$NUM" --master_port "$PORT" --module fastmim_ds pretrain "${PRE[@]}"
-"$(dirname "$PY")/deepspeed" --num_gpus "$NUM" --master_port "$PORT" --module fastmim_ds finetune "${FT[@]}"
+# the launcher's INFO lines go to output/demo/launcher.log; VERBOSE=1 prints everything
+V=(); [ "${VERBOSE:-0}" = 0 ] || V=(--verbose)
+LAUNCH=("$PY" -m fastmim_ds.launch "${V[@]}" --log output/demo/launcher.log --
+        "$(dirname "$PY")/deepspeed" --num_gpus "$NUM" --master_port "$PORT" --module fastmim_ds)
+"${LAUNCH[@]}" pretrain "${PRE[@]}"
+"${LAUNCH[@]}" finetune "${FT[@]}"
 echo "pre-training: output/demo/$RUN-pretrain (metrics.jsonl), fine-tuning: output/demo/$RUN-finetune"

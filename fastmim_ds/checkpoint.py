@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .runtime import stdout_to_log
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -250,7 +252,8 @@ def load_pretrained_encoder(path: str | Path, prefix: str = "encoder.") -> tuple
         try:  # fp32 master weights, consolidated from the ZeRO shards
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+            with stdout_to_log(logger, stderr=True):  # "Reconstructed fp32 state dict ...", progress bars, per rank
+                state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         except (ValueError, FileNotFoundError, KeyError, AssertionError, TypeError) as e:  # ZeRO-0: in the module
             logger.info("no ZeRO shards in %s (%s); reading module weights", tag_dir, e)
             state = read_module_state(tag_dir)

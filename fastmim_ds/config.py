@@ -23,7 +23,7 @@ import yaml
 __all__ = [
     "ConfigError", "DataCfg", "MaskCfg", "MIMModelCfg", "OptimCfg", "TrainCfg", "PretrainCfg",
     "Stage", "ClassifierCfg", "AugCfg", "FinetuneCfg", "Resolved", "load_config", "resolve", "to_dict", "dump_yaml",
-    "VisCfg", "LinprobeOptimCfg", "LinprobeCfg", "PretrainEvalCfg",
+    "VisCfg", "LinprobeOptimCfg", "LinprobeCfg", "PretrainEvalCfg", "check_mapping",
 ]
 
 
@@ -281,8 +281,49 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        check_mapping(value, key)
         return dict(value)
     raise ConfigError(f"{key}: unsupported annotation {tp}")
+
+
+def _flow(value: Any) -> str:
+    """``value`` in YAML flow style on one line (``6``, ``[1, 2]``, ``{a: 1}``)."""
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**9).strip()
+    return text[:-3].strip() if text.endswith("\n...") else text
+
+
+def check_mapping(value: dict, key: str, *, override: bool = False) -> None:
+    """Rejects a mapping that YAML flow syntax without spaces produced: keys holding no value (``None``) or keys
+    containing ``:``. ``{depth:6,patch_size:8}`` parses to ``{"depth:6": None, "patch_size:8": None}``, and
+    ``timm.create_model`` drops None-valued kwargs, so such a value would otherwise be lost without a word.
+
+    Raises:
+        ConfigError: names the key and the correct spelling (``{depth: 6, patch_size: 8}``, quoted on a command
+            line).
+    """
+    bad = [k for k, v in value.items() if v is None or (isinstance(k, str) and ":" in k)]
+    if not bad:
+        for k, v in value.items():
+            if isinstance(v, dict):
+                check_mapping(v, f"{key}.{k}", override=override)
+        return
+    items = []
+    for k, v in value.items():
+        if isinstance(k, str) and ":" in k and v is None:
+            name, text = k.split(":", 1)
+            items.append(f"{name.strip()}: {text.strip()}")
+        elif v is None:
+            items.append(f"{k}: <value>")
+        else:
+            items.append(f"{k}: {_flow(v)}")
+    spelling = "{" + ", ".join(items) + "}"
+    first = bad[0]
+    if isinstance(first, str) and ":" in first:
+        problem = f"key '{first}' contains ':' (YAML reads 'name:value' without a space as one key with no value)"
+    else:
+        problem = f"key '{first}' has no value (timm drops None-valued arguments without a word)"
+    fix = f'--set "{key}={spelling}"' if override else f"{key}: {spelling}"
+    raise ConfigError(f"{key}: {problem}; write {fix} (a space after each ':')")
 
 
 def _merge(obj: Any, updates: dict, prefix: str = "") -> Any:
@@ -309,7 +350,12 @@ def _parse_override(item: str) -> dict:
     if "=" not in item:
         raise ConfigError(f"override '{item}' is not of the form section.key=value")
     dotted, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{item}': the value is not valid YAML ({str(e).splitlines()[0]})") from None
+    if isinstance(value, dict):
+        check_mapping(value, dotted.strip(), override=True)
     nested: dict = {}
     node = nested
     parts = dotted.strip().split(".")

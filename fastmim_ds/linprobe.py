@@ -113,7 +113,7 @@ def check_linprobe(cfg: LinprobeCfg, world_size: int, *, check_files: bool = Tru
     Raises:
         ConfigError: one line naming the key and the fix.
     """
-    from .validate import check_common, read_classes
+    from .validate import check_classifier_kwargs, check_common, read_classes
 
     if not cfg.model.pretrained:
         raise ConfigError("model.pretrained: a linear probe needs pre-trained weights (--pretrained <run>)")
@@ -122,6 +122,7 @@ def check_linprobe(cfg: LinprobeCfg, world_size: int, *, check_files: bool = Tru
             resolve_tag_dir(Path(cfg.model.pretrained))
         except FileNotFoundError as e:
             raise ConfigError(f"model.pretrained: {e}") from None
+    check_classifier_kwargs(cfg.model)
     if cfg.optim.name not in OPTIMIZERS:
         raise ConfigError(f"optim.name: unknown '{cfg.optim.name}' (choices: {', '.join(OPTIMIZERS)})")
     if cfg.optim.momentum < 0 or cfg.optim.weight_decay < 0:

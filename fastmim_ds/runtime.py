@@ -1,7 +1,18 @@
-"""Process-level setup: distributed init, device, threads, seeds, rank-0 logging, run folders."""
+"""Process-level setup: distributed init, device, threads, seeds, rank-0 logging, run folders.
+
+Quiet by default (issue 17): rank 0 prints the run folder, the config summary, the progress bar and one line per
+epoch; every rank prints a given warning or error once. Known third-party noise is handled where it starts:
+DeepSpeed's deprecated ``all_gather_into_tensor``/``reduce_scatter_tensor`` calls are pointed at torch's current
+collectives, and the notices DeepSpeed prints while setting up (a CPU run's "No CUDA runtime is found", "... built
+successfully") or while consolidating ZeRO shards ("Reconstructed fp32 state dict ...", its progress bars) are
+logged at DEBUG level, i.e. not shown. ``FASTMIM_VERBOSE=1`` (``make ... VERBOSE=1``,
+``python -m fastmim_ds.launch --verbose``) leaves all of it as it was.
+"""
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import logging
 import os
 import random
@@ -21,8 +32,52 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "Dist", "init_distributed", "setup_logging", "seed_everything", "git_sha", "make_run_dir", "Preemption",
-    "check_output_dir",
+    "check_output_dir", "verbose", "stdout_to_log", "VERBOSE_ENV",
 ]
+
+VERBOSE_ENV = "FASTMIM_VERBOSE"  # "1": every third-party message comes back (set by fastmim_ds.launch --verbose)
+
+
+def verbose() -> bool:
+    """Whether the user asked for everything (``FASTMIM_VERBOSE=1``)."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def stdout_to_log(log: logging.Logger, level: int = logging.DEBUG, *, stderr: bool = False):
+    """Sends what third-party code ``print``s inside the block (and, with ``stderr``, its progress bars) to ``log``
+    at ``level``: DEBUG records are not shown. With ``FASTMIM_VERBOSE=1`` they go to the console as before.
+
+    Our own log records are unaffected: the logging handlers hold the stream they were created with.
+    """
+    if verbose():
+        yield
+        return
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf), (contextlib.redirect_stderr(buf) if stderr else contextlib.nullcontext()):
+            yield
+    finally:
+        for line in buf.getvalue().splitlines():
+            if line.strip():
+                log.log(level, "%s", line)
+
+
+def _use_current_collectives() -> None:
+    """Points DeepSpeed's communication backend at torch's current collectives.
+
+    DeepSpeed 0.19 picks ``torch.distributed.all_gather_into_tensor`` and ``reduce_scatter_tensor``, which torch
+    2.14 deprecates (a FutureWarning on every rank) in favour of ``all_gather_single`` / ``reduce_scatter_single``,
+    the functions the deprecated ones now forward to: same arguments, same result.
+    """
+    from deepspeed.comm import comm as ds_comm
+
+    cdb = getattr(ds_comm, "cdb", None)
+    td = torch.distributed
+    for attr, old, new in (("all_gather_function", "all_gather_into_tensor", "all_gather_single"),
+                           ("reduce_scatter_function", "reduce_scatter_tensor", "reduce_scatter_single")):
+        if cdb is not None and hasattr(td, new) and getattr(cdb, attr, None) is getattr(td, old, None):
+            setattr(cdb, attr, getattr(td, new))
 
 
 @dataclass(frozen=True)
@@ -62,7 +117,11 @@ def init_distributed() -> Dist:
     acc = get_accelerator()
     if acc.device_name() != "cpu":
         acc.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend=acc.communication_backend_name())
+    elif not verbose():  # expected without a GPU: torch's C++ extension loader warns once per rank
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    with stdout_to_log(logger):  # "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully"
+        deepspeed.init_distributed(dist_backend=acc.communication_backend_name())
+    _use_current_collectives()
     world = torch.distributed.get_world_size()
     local_world = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
     device = torch.device(acc.device_name(local_rank)) if acc.device_name() != "cpu" else torch.device("cpu")
@@ -71,8 +130,32 @@ def init_distributed() -> Dist:
     return Dist(torch.distributed.get_rank(), local_rank, world, local_world, device)
 
 
+class _Once(logging.Filter):
+    """Lets each distinct warning/error through once per process (a FutureWarning raised every epoch, a
+    per-step notice): the console shows it at its first occurrence only. INFO records always pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, record.levelno, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
 def setup_logging(rank: int, log_file: Path | None = None) -> None:
-    """Rank 0 logs INFO to stderr (and ``log_file``); other ranks log warnings and errors only."""
+    """Rank 0 logs INFO to stderr (and ``log_file``); other ranks log warnings and errors only.
+
+    Python warnings go through the same handlers (``logging.captureWarnings``), and each distinct warning or error
+    is printed once per rank (the ``warnings`` module's own "once per location" is reset whenever a library
+    changes the warning filters, which FFCV and DeepSpeed do every epoch). ``FASTMIM_VERBOSE=1`` keeps every
+    repetition and DeepSpeed's INFO messages.
+    """
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -81,12 +164,16 @@ def setup_logging(rank: int, log_file: Path | None = None) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None and rank == 0:
         handlers.append(logging.FileHandler(log_file))
+    once = _Once()
     for h in handlers:
         h.setFormatter(fmt)
+        if not verbose():
+            h.addFilter(once)
         root.addHandler(h)
     root.setLevel(level)
+    logging.captureWarnings(True)
     for noisy in ("DeepSpeed", "deepspeed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.INFO if verbose() and rank == 0 else logging.WARNING)
 
 
 def seed_everything(seed: int) -> None:

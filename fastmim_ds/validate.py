@@ -7,15 +7,18 @@ checking a ViT-L config takes milliseconds and no memory.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
 import json
 from pathlib import Path
 
 import torch
 
-from .config import ConfigError, FinetuneCfg, PretrainCfg, Resolved, resolve, to_dict
+from .config import ConfigError, FinetuneCfg, PretrainCfg, Resolved, check_mapping, resolve, to_dict
 from .ds_engine import load_ds_config
 
-__all__ = ["check_pretrain", "check_finetune", "check_common", "check_resume_compatible", "read_classes"]
+__all__ = ["check_pretrain", "check_finetune", "check_common", "check_resume_compatible", "read_classes",
+           "check_model_kwargs", "check_classifier_kwargs"]
 
 
 def check_common(data, optim, train, world_size: int, *, need_val: bool) -> Resolved:
@@ -84,6 +87,94 @@ def _model_key(e: Exception) -> str:
     return "model"
 
 
+# keyword arguments that timm's builders take out of **kwargs before the model class sees them
+# (timm.models._builder.build_model_with_cfg and the families' _create_* helpers)
+TIMM_BUILDER_KWARGS = {"features_only", "out_indices", "feature_cls", "pruned"}
+
+
+def _accepted_kwargs(name: str) -> tuple[str, set[str]] | None:
+    """(model class name, keyword arguments ``timm.create_model(name, **kwargs)`` passes on to something that uses
+    them), or None when that cannot be known (a constructor taking ``**kwargs``, an entrypoint of unknown class)."""
+    import timm
+    from timm.models import build_model_with_cfg, model_entrypoint
+
+    from . import models  # noqa: F401  (registers the mixmim_* entrypoints)
+
+    if not timm.is_model(name):
+        return None  # the model build names the problem
+    entry = model_entrypoint(name)
+    try:
+        cls = inspect.signature(entry, eval_str=True).return_annotation
+    except (NameError, TypeError, ValueError):
+        return None
+    if not inspect.isclass(cls):
+        return None
+    accepted: set[str] = set(TIMM_BUILDER_KWARGS)
+    for fn in (cls.__init__, entry, timm.create_model, build_model_with_cfg):
+        params = inspect.signature(fn).parameters.values()
+        if fn is cls.__init__ and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return None  # the class takes anything: no way to tell a typo from an argument
+        accepted |= {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return cls.__name__, accepted - {"self", "model_cls", "variant", "model_name", "kwargs"}
+
+
+def check_model_kwargs(name: str, kwargs: dict, key: str) -> None:
+    """Checks the keyword arguments ``kwargs`` of timm model ``name`` against its constructor's signature.
+
+    The class comes from the timm registry (the entrypoint's return annotation); its ``__init__`` parameters, the
+    entrypoint's and timm's builder arguments are accepted. Nothing is dropped: an argument no constructor takes
+    stops the run before launch.
+
+    Raises:
+        ConfigError: one line naming ``key``, the unknown arguments and, where one is close, the likely spelling.
+    """
+    check_mapping(kwargs, key)
+    if not kwargs:
+        return
+    known = _accepted_kwargs(name)
+    if known is None:
+        return
+    cls_name, accepted = known
+    unknown = [str(k) for k in kwargs if k not in accepted]
+    if not unknown:
+        return
+    close = {k: m[0] for k in unknown if (m := difflib.get_close_matches(k, sorted(accepted), n=1))}
+    if len(unknown) == 1:
+        hint = f" (did you mean '{close[unknown[0]]}'?)" if close else ""
+        what = f"argument '{unknown[0]}'"
+    else:
+        hint = f" (did you mean {', '.join(f'{v!r} for {k!r}' for k, v in close.items())}?)" if close else ""
+        what = f"arguments {', '.join(repr(k) for k in unknown)}"
+    raise ConfigError(f"{key}: {cls_name} ({name}) takes no {what}{hint}")
+
+
+def _pretrained_encoder_name(pretrained: str) -> str:
+    """The encoder name stored with a pre-training checkpoint (run folder or tag); '' for plain weight files."""
+    from .checkpoint import read_client_state, resolve_tag_dir
+
+    p = Path(pretrained)
+    if not pretrained or p.is_file():
+        return ""
+    try:
+        return read_client_state(resolve_tag_dir(p)).get("config", {}).get("model", {}).get("encoder", "")
+    except (FileNotFoundError, OSError, RuntimeError):
+        return ""
+
+
+def check_classifier_kwargs(model) -> None:
+    """Checks ``model.kwargs`` of a classifier config (fine-tuning, linear probe) against the constructor of
+    ``model.name``, or of the pre-trained encoder when the name is empty (``create_classifier``'s rule).
+
+    Raises:
+        ConfigError: as :func:`check_model_kwargs`.
+    """
+    check_mapping(model.kwargs, "model.kwargs")
+    if model.kwargs:
+        name = model.name or _pretrained_encoder_name(model.pretrained)
+        if name:
+            check_model_kwargs(name, model.kwargs, "model.kwargs")
+
+
 def _check_stages(cfg: PretrainCfg, world_size: int) -> None:
     stages = cfg.stages()
     if cfg.progressive:
@@ -137,6 +228,7 @@ def check_pretrain(cfg: PretrainCfg, world_size: int, *, check_files: bool = Tru
     if cfg.method not in METHODS:
         raise ConfigError(f"method: unknown '{cfg.method}' (choices: {', '.join(METHODS)})")
     _check_stages(cfg, world_size)
+    check_model_kwargs(cfg.model.encoder, cfg.model.encoder_kwargs, "model.encoder_kwargs")
     try:
         with torch.device("meta"):
             model = create_mim_model(cfg.method, cfg.model, cfg.mask, cfg.data.img_size)
@@ -207,6 +299,7 @@ def check_finetune(cfg: FinetuneCfg, world_size: int, *, check_files: bool = Tru
                 raise ConfigError(f"model.pretrained: {e}") from None
     elif not cfg.model.name:
         raise ConfigError("model.name: give a timm model name, or model.pretrained to take the pre-trained encoder's")
+    check_classifier_kwargs(cfg.model)
     if check_files and cfg.model.num_classes == 0 and not read_classes(cfg.data.train):
         raise ConfigError(f"model.num_classes: 0 needs {Path(cfg.data.train).with_name('classes.json')}; set it")
     if not 0 <= cfg.aug.smoothing < 1:

@@ -22,6 +22,13 @@ def _check(*args: str) -> subprocess.CompletedProcess:
     ("method=mae", "config error: method: unknown 'mae' (choices: fastmim"),
     ("mask.block_size=24",
      "config error: mask.block_size: mask block size 24 must be a multiple of the encoder stride 16"),
+    # issue 17: YAML flow syntax without spaces used to merge {"depth:6": None, ...}, which timm dropped
+    ("model.encoder_kwargs={depth:6,patch_size:8}",
+     "config error: model.encoder_kwargs: key 'depth:6' contains ':' (YAML reads 'name:value' without a space as "
+     "one key with no value); write --set \"model.encoder_kwargs={depth: 6, patch_size: 8}\""),
+    ("model.encoder_kwargs={patch_sise: 8}",
+     "config error: model.encoder_kwargs: VisionTransformer (vit_tiny_patch16_224) takes no argument 'patch_sise' "
+     "(did you mean 'patch_size'?)"),
 ])
 def test_bad_config_is_one_line_and_exit_2(override, message):
     proc = _check("--config", "configs/demo_pretrain.yaml", "--set", override)
@@ -47,3 +54,58 @@ def test_batch_arithmetic_for_hostfile(small_beton, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("config error: train.micro_batch: 256 x 2 accumulation x 16 ranks = 8192 images "
                                    f"per step, but {small_beton / 'train.beton'} holds 240; lower it")
+
+
+# ------------------------------------------------------------------ quiet console (issue 17)
+FAKE_LAUNCHER = r"""
+import sys, time
+print("[2026-11-30 05:00:16,947] [WARNING] [runner.py:214:fetch_hostfile] Unable to find hostfile, will proceed")
+print("[2026-11-30 05:00:16,949] [INFO] [runner.py:618:main] cmd = python -u -m deepspeed.launcher.launch")
+print("[2026-11-30 05:00:21,387] [INFO] [launch.py:245:main] process 1 spawned with command: [...]", flush=True)
+sys.stdout.write("[2026-11-30 05:00:2"); sys.stdout.flush(); time.sleep(0.2)  # a launcher line in two writes
+print("1,400] [INFO] [launch.py:245:main] process 2 spawned with command: [...]")
+print("05:00:46 [rank0] fastmim_ds.pretrain: run output/x", flush=True)
+print("[2026-11-30 05:01:20,623] [ERROR] [launch.py:341:sigkill_handler] exits with return code = 1")
+sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_launcher_info_lines_go_to_the_log_file(tmp_path, verbose):
+    log = tmp_path / "launcher.log"
+    proc = subprocess.run([sys.executable, "-m", "fastmim_ds.launch", "--log", str(log)]
+                          + (["--verbose"] if verbose else []) + ["--", sys.executable, "-c", FAKE_LAUNCHER],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3  # the launcher's status
+    console = proc.stdout.splitlines()
+    if verbose:
+        assert len(console) == 6 and not log.exists()  # every line (one was written in two parts)
+        return
+    assert console == ["05:00:46 [rank0] fastmim_ds.pretrain: run output/x",
+                       "[2026-11-30 05:01:20,623] [ERROR] [launch.py:341:sigkill_handler] exits with return code = 1"]
+    assert proc.stderr.strip() == f"launcher log: {log}"  # printed on failure only
+    logged = log.read_text().splitlines()
+    assert logged[0].startswith("# ") and len(logged) == 5 and "process 2 spawned" in logged[-1]
+
+
+def test_each_warning_is_printed_once_per_rank(capfd):
+    """A warning repeated every epoch (the warnings module forgets what it showed when a library resets its filters)
+    reaches a rank's console once."""
+    import logging
+    import warnings
+
+    from fastmim_ds.runtime import setup_logging
+
+    root = logging.getLogger()
+    saved = list(root.handlers), root.level
+    try:
+        setup_logging(1)
+        for _ in range(3):
+            warnings.resetwarnings()
+            warnings.warn("`torch.distributed.something` is deprecated", FutureWarning, stacklevel=1)
+            logging.getLogger("x").warning("same words")
+        err = capfd.readouterr().err
+    finally:
+        logging.captureWarnings(False)
+        root.handlers[:], root.level = saved
+    assert err.count("FutureWarning:") == 1 and err.count("same words") == 1, err

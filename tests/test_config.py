@@ -170,6 +170,33 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(PretrainCfg, _write(tmp_path, "- 1\n- 2\n", "list.yaml"))
 
 
+@pytest.mark.parametrize("cls, override, key, spelling", [
+    # YAML flow syntax without spaces: keys "depth:6", "patch_size:8" holding None, which timm would drop
+    (PretrainCfg, "model.encoder_kwargs={depth:6,patch_size:8}", "model.encoder_kwargs", "{depth: 6, patch_size: 8}"),
+    (PretrainCfg, "model.encoder_kwargs={depth: 6, patch_size:8}", "model.encoder_kwargs",
+     "{depth: 6, patch_size: 8}"),
+    (FinetuneCfg, "model.kwargs={depth:6,patch_size:8}", "model.kwargs", "{depth: 6, patch_size: 8}"),
+    (FinetuneCfg, "model.kwargs={depth}", "model.kwargs", "{depth: <value>}"),
+    (PretrainCfg, "optim={blr:1e-4}", "optim", "{blr: 1e-4}"),
+])
+def test_flow_mapping_without_spaces_is_rejected_with_the_spelling(cls, override, key, spelling):
+    with pytest.raises(ConfigError) as ei:
+        load_config(cls, None, [override])
+    msg = str(ei.value)
+    assert msg.startswith(f"{key}: key ") and f'--set "{key}={spelling}"' in msg, msg
+    assert "\n" not in msg
+
+
+def test_none_valued_kwarg_in_yaml_file_is_rejected(tmp_path):
+    path = _write(tmp_path, "model:\n  encoder_kwargs: {depth:6, drop_rate: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"model\.encoder_kwargs: key 'depth:6' .*\{depth: 6, drop_rate: 0\.1\}"):
+        load_config(PretrainCfg, path)
+    # a file value with a space is fine, and a later override spelled right merges into it
+    path = _write(tmp_path, "model:\n  encoder_kwargs: {depth: 6}\n")
+    assert load_config(PretrainCfg, path, ["model.encoder_kwargs={patch_size: 8}"]).model.encoder_kwargs == {
+        "depth": 6, "patch_size": 8}
+
+
 def test_override_without_equals_raises():
     with pytest.raises(ConfigError, match="train.epochs"):
         load_config(PretrainCfg, None, ["train.epochs"])
@@ -336,6 +363,51 @@ def test_every_shipped_config_loads_and_validates(path):
     assert derived.world_size == 1
     assert derived.eff_batch == cfg.train.micro_batch * cfg.train.grad_accum
     assert derived.lr > 0
+
+
+@pytest.mark.parametrize("kind, overrides, message", [
+    ("pretrain", ["model.encoder_kwargs={depth: 2, patchsize: 8}"],
+     "model.encoder_kwargs: VisionTransformer (vit_base_patch16_224) takes no argument 'patchsize' "
+     "(did you mean 'patch_size'?)"),
+    ("pretrain", ["model.encoder=swin_tiny_patch4_window7_224", "model.encoder_kwargs={depth: 2}"],
+     "model.encoder_kwargs: SwinTransformer (swin_tiny_patch4_window7_224) takes no argument 'depth' "
+     "(did you mean 'depths'?)"),
+    ("pretrain", ["method=mixmim", "model.encoder=mixmim_tiny_test", "model.encoder_kwargs={foo: 1}"],
+     "model.encoder_kwargs: MixMIMTransformer (mixmim_tiny_test) takes no argument 'foo'"),
+    ("finetune", ["model.name=vit_tiny_patch16_224", "model.kwargs={dept: 6}"],
+     "model.kwargs: VisionTransformer (vit_tiny_patch16_224) takes no argument 'dept' (did you mean 'depth'?)"),
+    ("finetune", ["model.name=pvt_v2_b0", "model.kwargs={depths: [1, 1, 1, 1], embed_dims: [8, 16, 32, 64], x: 1}"],
+     "model.kwargs: PyramidVisionTransformerV2 (pvt_v2_b0) takes no argument 'x'"),
+])
+def test_unknown_model_kwarg_is_rejected_before_launch(kind, overrides, message):
+    from fastmim_ds.validate import check_finetune, check_pretrain
+
+    cls, check = (PretrainCfg, check_pretrain) if kind == "pretrain" else (FinetuneCfg, check_finetune)
+    with pytest.raises(ConfigError) as ei:
+        check(load_config(cls, None, overrides), 1, check_files=False)
+    assert str(ei.value) == message
+
+
+def test_known_model_kwargs_pass_the_signature_check():
+    from fastmim_ds.validate import check_model_kwargs
+
+    # class arguments, entrypoint/builder arguments (timm pops out_indices before the class sees it)
+    check_model_kwargs("vit_tiny_patch16_224", {"depth": 2, "patch_size": 8, "class_token": False}, "k")
+    check_model_kwargs("swin_tiny_patch4_window7_224", {"window_size": 4, "out_indices": [1]}, "k")
+    check_model_kwargs("mixmim_tiny_test", {"window_size": [8, 8, 4, 2], "embed_dim": 64}, "k")
+
+
+def test_linprobe_classifier_kwargs_checked_against_the_pretrained_encoder(tmp_path, monkeypatch):
+    from fastmim_ds import validate
+    from fastmim_ds.config import LinprobeCfg
+    from fastmim_ds.linprobe import check_linprobe
+
+    # kwargs without a name: the pre-trained encoder's architecture (read from its checkpoint) decides
+    monkeypatch.setattr(validate, "_pretrained_encoder_name", lambda p: "vit_tiny_patch16_224")
+    monkeypatch.setattr("fastmim_ds.linprobe.resolve_tag_dir", lambda p: p)
+    cfg = load_config(LinprobeCfg, None, [f"model.pretrained={tmp_path}", "model.kwargs={deth: 6}"])
+    with pytest.raises(ConfigError, match="^model.kwargs: VisionTransformer .* 'deth' .*'depth'"):
+        check_linprobe(cfg, 1, check_files=False)
 
 
 def test_progressive_resolution_with_zero3_is_rejected_before_launch():

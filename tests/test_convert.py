@@ -308,6 +308,22 @@ def test_prepare_cli_exit_status_and_summary(imagenette_subset, tmp_path, capsys
     assert json.loads((out3 / "classes.json").read_text())["splits"].keys() == {"train"}
 
 
+def test_class_mismatch_is_found_before_any_beton_is_written(tmp_path, monkeypatch, capsys):
+    """issue 17: val/ with other classes than train/ used to stop only after train.beton was written and verified."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    for split, classes in (("train", ("cat", "dog", "fox")), ("val", ("cat", "dog", "owl", "yak"))):
+        for c in classes:
+            (src / split / c).mkdir(parents=True)
+            Image.fromarray(RGB_NOISE).save(src / split / c / "0.JPEG")
+    started = []
+    monkeypatch.setattr(convert, "convert_split", lambda *a, **k: started.append(a))
+    assert cli_main(["prepare", "--src", str(src), "--out", str(out), "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {src}: class folders differ between splits (only in train/: fox; only in val/: owl, yak); "
+                   "nothing was written"]
+    assert not started and not out.exists()  # no split started, no folder, no beton, no classes.json
+
+
 def test_convert_writes_betons_and_class_counts(small_beton):
     """The shared 240/80-image fixture (real JPEGs, jpg mode): counts in classes.json match the betons read back."""
     meta = json.loads((small_beton / "classes.json").read_text())

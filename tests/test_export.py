@@ -270,3 +270,27 @@ def test_zero3_checkpoint_exports_the_trained_weights_and_resumes_the_same_step(
     p1, p2 = list(engine.module.parameters()), list(engine2.module.parameters())
     with deepspeed.zero.GatheredParameters(p1 + p2):
         assert all(torch.equal(a, b) for a, b in zip(p1, p2))
+
+
+def test_consolidation_and_collectives_are_quiet(tmp_path, capfd):
+    """issue 17: reading ZeRO shards prints nothing (DeepSpeed's zero_to_fp32 "Reconstructed fp32 state dict" lines
+    and progress bars, once per rank in fine-tuning), and DeepSpeed's all-gather / reduce-scatter use torch's current
+    collectives (torch 2.14 deprecates all_gather_into_tensor with a FutureWarning on every rank)."""
+    import warnings
+
+    import deepspeed.comm as ds_dist
+
+    from fastmim_ds.checkpoint import load_pretrained_encoder
+
+    _, mim, run = pretrain_run(tmp_path, TINY_VIT)
+    capfd.readouterr()
+    state, _ = load_pretrained_encoder(run)
+    out, err = capfd.readouterr()
+    assert len(state) == len(mim.encoder.state_dict()) and (out, err) == ("", "")
+    x, y = torch.arange(4.0), torch.empty(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        ds_dist.all_gather_into_tensor(y, x)
+        assert torch.equal(y, x)  # one rank: the gather is the input
+        ds_dist.reduce_scatter_tensor(y, x * 2)
+        assert torch.equal(y, x * 2)

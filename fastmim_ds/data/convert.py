@@ -1,6 +1,7 @@
 """ImageFolder -> FFCV ``.beton`` conversion (ffcv-imagenet ``write_imagenet.py``, made safe).
 
-Per split, ``convert_split`` runs:
+The splits' class folders are compared first (:func:`check_split_classes`): a mismatch stops the run before
+anything is written. Then, per split, ``convert_split`` runs:
 
 1. a **header pass** (threads): ``PIL.Image.open`` reads only each file's header, which rejects zero-byte files,
    files PIL cannot identify (corrupt bytes, non-images), images over ``PIL.Image.MAX_IMAGE_PIXELS``
@@ -40,8 +41,9 @@ from tqdm import tqdm
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "IMG_EXTENSIONS", "ConversionError", "SplitReport", "UnusableImage", "convert_image_folder", "convert_split",
-    "load_rgb", "probe_image", "read_beton_image", "scan_image_folder", "verify_beton",
+    "IMG_EXTENSIONS", "ConversionError", "SplitReport", "UnusableImage", "check_split_classes", "class_folders",
+    "convert_image_folder", "convert_split", "load_rgb", "probe_image", "read_beton_image", "scan_image_folder",
+    "verify_beton",
 ]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -85,11 +87,8 @@ class SplitReport:
     skipped_file: Path
 
 
-def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """``root/<class>/<image>`` -> (sorted class names, [(path, label)]) in a deterministic order.
-
-    Files whose extension is not in ``IMG_EXTENSIONS`` (``.DS_Store``, ``Thumbs.db``, notes) are ignored; everything
-    with an image extension is a sample, whatever its content turns out to be.
+def class_folders(root: Path) -> list[str]:
+    """Sorted class sub-folder names of ``root`` (no image is listed or read).
 
     Raises:
         FileNotFoundError: ``root`` missing or without class folders.
@@ -100,6 +99,48 @@ def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
         raise FileNotFoundError(f"{root} has no class sub-folders (expected {root}/<class>/<image>.JPEG)")
+    return classes
+
+
+def _names(names: Sequence[str], limit: int = 20) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def check_split_classes(src: Path, splits: Sequence[str]) -> list[str]:
+    """The class list that every split of ``src`` shares, checked before anything is converted.
+
+    Raises:
+        FileNotFoundError: a split folder missing or without class folders.
+        ValueError: one line listing the classes each split lacks against the first.
+    """
+    src = Path(src)
+    found = {split: class_folders(src / split) for split in splits}
+    classes = found[splits[0]]
+    diffs = []
+    for split in splits[1:]:
+        only_first = sorted(set(classes) - set(found[split]))
+        only_here = sorted(set(found[split]) - set(classes))
+        if only_first:
+            diffs.append(f"only in {splits[0]}/: {_names(only_first)}")
+        if only_here:
+            diffs.append(f"only in {split}/: {_names(only_here)}")
+    if diffs:
+        raise ValueError(f"{src}: class folders differ between splits ({'; '.join(diffs)}); nothing was written")
+    return classes
+
+
+def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """``root/<class>/<image>`` -> (sorted class names, [(path, label)]) in a deterministic order.
+
+    Files whose extension is not in ``IMG_EXTENSIONS`` (``.DS_Store``, ``Thumbs.db``, notes) are ignored; everything
+    with an image extension is a sample, whatever its content turns out to be.
+
+    Raises:
+        FileNotFoundError: ``root`` missing or without class folders.
+    """
+    root = Path(root)
+    classes = class_folders(root)
     samples = []
     for label, c in enumerate(classes):
         for dirpath, _, files in sorted(os.walk(root / c)):
@@ -501,7 +542,7 @@ def convert_image_folder(
     missing = [s for s in splits if not (src / s).is_dir()]
     if missing:
         raise FileNotFoundError(f"{src} has no {' / '.join(missing)} folder (expected {src}/train/<class>/...)")
-    classes, _ = scan_image_folder(src / splits[0])
+    classes = check_split_classes(src, splits)  # before any beton is written: a mismatch costs nothing
     out.mkdir(parents=True, exist_ok=True)
     meta = {"classes": classes, "source": str(src.resolve()), "max_res": max_res, "write_mode": write_mode,
             "splits": {}}

@@ -14,6 +14,7 @@ import torch
 
 from .config import ConfigError, FinetuneCfg, PretrainCfg, Resolved, resolve, to_dict
 from .ds_engine import load_ds_config
+from .trackers import check_tracker_packages
 
 __all__ = ["check_pretrain", "check_finetune", "check_common", "check_resume_compatible", "read_classes"]
 
@@ -46,6 +47,7 @@ def check_common(data, optim, train, world_size: int, *, need_val: bool) -> Reso
         if getattr(train, key) < low:
             raise ConfigError(f"train.{key} must be >= {low}, got {getattr(train, key)}")
     load_ds_config(train.ds_config)
+    check_tracker_packages(train)
     n = _num_images(data.train)
     per_update = train.micro_batch * train.grad_accum * world_size
     if n < per_update:

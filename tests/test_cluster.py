@@ -130,3 +130,52 @@ def test_two_slurm_tasks_form_one_group_and_train(small_beton, tmp_path):
     hist = client.get_metric_history((run / "mlflow_run_id").read_text(), "loss")
     assert sorted(m.step for m in hist) == [1, 2, 3]
     assert len(client.search_runs([client.get_experiment_by_name("fastmim-ds").experiment_id])) == 1
+
+
+# ------------------------------------------------------------------------------------- two nodes on one host
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_two_nodes(args: list[str], hostfile: Path, port: int, log_dir: Path) -> list[str]:
+    """``deepspeed --hostfile H --no_ssh --node_rank i --master_addr 127.0.0.1`` for i = 0, 1 (one rank each), as
+    one would type on two real nodes; returns both launchers' output."""
+    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
+    procs = []
+    for node in range(2):
+        cmd = [deepspeed, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node), "--master_addr",
+               "127.0.0.1", "--master_port", str(port), "--module", "fastmim_ds", *args]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=_clean_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=500)[0] for p in procs]
+    for node, out in enumerate(outs):
+        (log_dir / f"node{node}.log").write_text(out)
+    assert [p.returncode for p in procs] == [0, 0], "\n\n".join(o[-4000:] for o in outs)
+    return outs
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_nodes_of_one_rank_pretrain_checkpoint_and_resume(small_beton, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    base = TINY + [f"data.train={small_beton / 'train.beton'}", "train.max_steps_per_epoch=2", "train.ckpt_every=1",
+                   f"train.output_dir={tmp_path}", "train.run_name=nodes"]
+    _launch_two_nodes(["pretrain", *_sets(base + ["train.epochs=2"])], hostfile, _free_port(), tmp_path)
+    run = tmp_path / "nodes"
+    assert "world_size: 2" in (run / "config.yaml").read_text()
+    assert [r["step"] for r in _rows(run) if "step" in r] == [1, 2, 3, 4]
+    marker = json.loads((run / "ckpt" / "step00000004" / "complete").read_text())
+    assert marker == {"epoch": 2, "update": 0, "global_step": 4, "world_size": 2}
+
+    outs = _launch_two_nodes(["pretrain", *_sets(base + ["train.epochs=3"]), "--resume", "auto"], hostfile,
+                             _free_port(), tmp_path)
+    assert "resumed from" in outs[0] and "step00000004" in outs[0]
+    steps = [r for r in _rows(run) if "step" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6] and all(0 < r["loss"] < 10 for r in steps)
+    assert [r["epoch"] for r in steps[4:]] == [2, 2]
+    assert (run / "ckpt" / "latest").read_text() == "step00000006"

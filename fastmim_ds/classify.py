@@ -148,7 +148,8 @@ def train_and_evaluate(
     state, best = LoopState(), {"top1": -1.0, "epoch": -1}
     found = find_resume(ckpt_dir, resume)
     if found:
-        check_resume_compatible(cfg, read_client_state(found[0] / found[1]).get("config", {}), found[0] / found[1])
+        check_resume_compatible(cfg, read_client_state(found[0] / found[1]).get("config", {}), found[0] / found[1],
+                                world_size=dist.world_size)
         client = load(engine, *found)
         state, best = LoopState.from_client(client), client.get("best", best)
     metrics = MetricsWriter(run.dir / "metrics.jsonl", enabled=dist.is_main, monitor=engine.monitor,

@@ -52,7 +52,8 @@ def main(cfg: PretrainCfg, *, resume: str | None = None) -> dict:
     ckpt_dir = run_dir / CKPT_SUBDIR
     found = find_resume(ckpt_dir, resume)
     if found:
-        check_resume_compatible(cfg, read_client_state(found[0] / found[1]).get("config", {}), found[0] / found[1])
+        check_resume_compatible(cfg, read_client_state(found[0] / found[1]).get("config", {}), found[0] / found[1],
+                                world_size=dist.world_size)
     if dist.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg, derived))

@@ -37,6 +37,7 @@ CKPT_SUBDIR = "ckpt"
 # DeepSpeed's file with the module weights and the client state: ZeRO 0-2 write one, ZeRO-3 one per rank
 MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 COMPLETE = "complete"  # marker file, written last by rank 0
+UNIVERSAL_VERSION = 0.2  # deepspeed.checkpoint universal_checkpoint_version for ZeRO-1/2 data-parallel checkpoints
 
 
 def model_states_file(tag_dir: Path) -> Path | None:
@@ -103,6 +104,8 @@ def save(engine, ckpt_dir: Path, *, tag: str, client_state: dict, keep_last: int
     ckpt_dir = Path(ckpt_dir)
     tag_dir = ckpt_dir / tag
     t0 = time.time()
+    # what deepspeed.checkpoint.ds_to_universal requires to convert the tag (plain data parallelism: no patterns)
+    client_state = {"universal_checkpoint_info": {"universal_checkpoint_version": UNIVERSAL_VERSION}, **client_state}
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     buf = _serialize(_rng_state())
     _atomic_write(tag_dir / f"rng_rank{engine.global_rank:03d}.pt", buf)
@@ -195,7 +198,7 @@ def read_client_state(tag_dir: Path) -> dict:
     known = {"module", "buffer_names", "optimizer", "lr_scheduler", "param_shapes", "frozen_param_shapes",
              "frozen_param_fragments", "shared_params", "sparse_tensor_module_names", "skipped_steps",
              "global_steps", "global_samples", "dp_world_size", "mp_world_size", "ds_config", "ds_version",
-             "data_sampler", "random_ltd"}
+             "data_sampler", "random_ltd", "universal_checkpoint_info"}
     return {k: v for k, v in state.items() if k not in known}
 
 

@@ -23,6 +23,7 @@ from .engine import LoopState, StepFn, fit
 from .metrics import MetricsWriter
 from .models.classifier import LoadReport
 from .runtime import Dist, Preemption, git_sha, init_distributed, make_run_dir, seed_everything, setup_logging
+from .trackers import build_trackers
 from .validate import check_resume_compatible, read_classes
 
 logger = logging.getLogger(__name__)
@@ -152,10 +153,12 @@ def train_and_evaluate(
     state, best = LoopState(), {"top1": -1.0, "epoch": -1}
     found = find_resume(ckpt_dir, resume)
     if found:
-        check_resume_compatible(cfg, read_client_state(found[0] / found[1]).get("config", {}), found[0] / found[1])
+        check_resume_compatible(cfg, read_client_state(found[0] / found[1]).get("config", {}), found[0] / found[1],
+                                world_size=dist.world_size)
         client = load(engine, *found)
         state, best = LoopState.from_client(client), client.get("best", best)
-    metrics = MetricsWriter(run.dir / "metrics.jsonl", enabled=dist.is_main, monitor=engine.monitor)
+    metrics = MetricsWriter(run.dir / "metrics.jsonl", enabled=dist.is_main, monitor=engine.monitor,
+                            trackers=build_trackers(cfg.train, run.dir, config=to_dict(cfg), enabled=dist.is_main))
     ev: dict = {}
 
     def end_epoch(epoch: int, stats: dict) -> None:
@@ -172,13 +175,16 @@ def train_and_evaluate(
 
     client = {"config": to_dict(cfg), "classes": run.classes, "git_sha": git_sha(), **(client_extra or {}),
               "pretrain_config": run.report.pretrain_config, "model_name": run.name, "num_classes": run.num_classes}
-    stats = fit(
-        engine, state=state, epochs=cfg.train.epochs, begin_epoch=lambda epoch: (train_loader, updates),
-        step_fn=step_fn, scheduler=scheduler, train=cfg.train, ckpt_dir=ckpt_dir,
-        client_state=lambda: {**client, "best": dict(best)}, metrics=metrics, show_progress=dist.is_main,
-        stop_requested=Preemption(dist.device).requested, end_epoch=end_epoch,
-        last_checkpoint=found[0] / found[1] if found else None,
-    )
+    try:
+        stats = fit(
+            engine, state=state, epochs=cfg.train.epochs, begin_epoch=lambda epoch: (train_loader, updates),
+            step_fn=step_fn, scheduler=scheduler, train=cfg.train, ckpt_dir=ckpt_dir,
+            client_state=lambda: {**client, "best": dict(best)}, metrics=metrics, show_progress=dist.is_main,
+            stop_requested=Preemption(dist.device).requested, end_epoch=end_epoch,
+            last_checkpoint=found[0] / found[1] if found else None,
+        )
+    finally:
+        metrics.close()
     if stats["preempted"]:
         return {"top1": None, "top5": None, "best_top1": best["top1"], "run_dir": str(run.dir), "preempted": True}
     if not ev:  # resumed from a checkpoint of the last epoch: nothing trained, report the model as it is

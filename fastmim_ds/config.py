@@ -103,6 +103,17 @@ class TrainCfg:
     # numeric metrics.jsonl field as Train/<key>. TensorBoard needs `pip install tensorboard` (extra "monitor").
     tensorboard: bool = False
     csv_monitor: bool = False
+    # Experiment trackers (rank 0; fastmim_ds/trackers.py): every numeric metrics.jsonl field except `step`, logged at
+    # the row's optimizer step. Packages: the project's [track] extra. A resumed run continues the same tracker run.
+    wandb: bool = False  # offline: WANDB_MODE=offline (files in <run>/wandb/, `wandb sync` later)
+    wandb_project: str = "fastmim-ds"
+    wandb_run_name: str = ""  # empty: the run folder's name
+    wandb_tags: tuple[str, ...] = ()
+    wandb_entity: str = ""  # empty: the logged-in user's default entity
+    mlflow: bool = False
+    mlflow_uri: str = ""  # empty: sqlite:///<output_dir>/mlflow.db (a local file, no server); or http://host:5000
+    mlflow_experiment: str = "fastmim-ds"
+    mlflow_run_name: str = ""  # empty: the run folder's name
 
 
 @dataclass

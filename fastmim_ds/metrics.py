@@ -33,13 +33,18 @@ class MetricsWriter:
         monitor: DeepSpeed's ``engine.monitor`` (``MonitorMaster``); when enabled (``train.tensorboard`` /
             ``train.csv_monitor``), every numeric field of a row except the x-axes goes to it as
             ``("Train/<key>", value, step)``; rows without ``step`` (epoch summaries) use the last step written.
+        trackers: :mod:`fastmim_ds.trackers` (wandb, MLflow) fed every numeric field except ``step`` (x-axes
+            included: ``epoch``, ``epoch_1000x``, ``relative_time``, ``epoch_end``) as ``{key: float}`` at the row's
+            step (the last step written for rows without one); bools and strings are left out. :meth:`close` ends
+            their runs.
     """
 
     X_AXES = ("step", "epoch", "epoch_1000x", "epoch_end", "relative_time")
 
-    def __init__(self, path: Path | None, *, enabled: bool, monitor=None):
+    def __init__(self, path: Path | None, *, enabled: bool, monitor=None, trackers=()):
         self.path, self.enabled = path, enabled and path is not None
         self.monitor = monitor if enabled and monitor is not None and getattr(monitor, "enabled", False) else None
+        self.trackers = list(trackers) if self.enabled else []
         self.t0 = time.time()
         self.last_step = 0
 
@@ -55,6 +60,17 @@ class MetricsWriter:
                       if k not in self.X_AXES and isinstance(v, (int, float)) and not isinstance(v, bool)]
             if events:
                 self.monitor.write_events(events)
+        if self.trackers:
+            values = {k: float(v) for k, v in row.items()
+                      if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            for tracker in self.trackers:
+                tracker.log(values, self.last_step)
+
+    def close(self) -> None:
+        """Ends the trackers' runs (wandb ``finish``, MLflow ``set_terminated``); the writer logs nothing after."""
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 def progress(iterable, *, total: int, desc: str, enabled: bool, images_per_item: int | None = None):

@@ -32,6 +32,7 @@ from .runtime import (
     seed_everything,
     setup_logging,
 )
+from .trackers import build_trackers
 from .validate import check_pretrain, check_resume_compatible, read_classes
 from .visualize import EpochVisualizer
 
@@ -53,7 +54,8 @@ def main(cfg: PretrainCfg, *, resume: str | None = None) -> dict:
     ckpt_dir = run_dir / CKPT_SUBDIR
     found = find_resume(ckpt_dir, resume)
     if found:
-        check_resume_compatible(cfg, read_client_state(found[0] / found[1]).get("config", {}), found[0] / found[1])
+        check_resume_compatible(cfg, read_client_state(found[0] / found[1]).get("config", {}), found[0] / found[1],
+                                world_size=dist.world_size)
     if dist.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg, derived))
@@ -88,7 +90,8 @@ def main(cfg: PretrainCfg, *, resume: str | None = None) -> dict:
     state = LoopState()
     if found:
         state = LoopState.from_client(load(engine, *found))
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=dist.is_main, monitor=engine.monitor)
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=dist.is_main, monitor=engine.monitor,
+                            trackers=build_trackers(cfg.train, run_dir, config=to_dict(cfg), enabled=dist.is_main))
     vis = EpochVisualizer(cfg.vis, data_train=cfg.data.train, run_dir=run_dir, write=dist.is_main,
                           hog_bins=cfg.model.hog_bins, hog_cell=cfg.model.hog_cell)
 
@@ -105,13 +108,16 @@ def main(cfg: PretrainCfg, *, resume: str | None = None) -> dict:
             vis(engine.module, epoch, current["stage"].img_size)
 
     client = {"config": to_dict(cfg), "git_sha": git_sha(), "method": cfg.method}
-    stats = fit(
-        engine, state=state, epochs=cfg.train.epochs, begin_epoch=begin_epoch,
-        step_fn=lambda eng, images, labels: eng(images), scheduler=scheduler, train=cfg.train, ckpt_dir=ckpt_dir,
-        client_state=lambda: client, metrics=metrics, show_progress=dist.is_main,
-        stop_requested=Preemption(dist.device).requested, end_epoch=end_epoch,
-        last_checkpoint=found[0] / found[1] if found else None,
-    )
+    try:
+        stats = fit(
+            engine, state=state, epochs=cfg.train.epochs, begin_epoch=begin_epoch,
+            step_fn=lambda eng, images, labels: eng(images), scheduler=scheduler, train=cfg.train, ckpt_dir=ckpt_dir,
+            client_state=lambda: client, metrics=metrics, show_progress=dist.is_main,
+            stop_requested=Preemption(dist.device).requested, end_epoch=end_epoch,
+            last_checkpoint=found[0] / found[1] if found else None,
+        )
+    finally:
+        metrics.close()
     logger.info("%s: %s", "preempted" if stats["preempted"] else "done", run_dir)
     return {**stats, "run_dir": str(run_dir)}
 

@@ -31,8 +31,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "Dist", "init_distributed", "setup_logging", "seed_everything", "git_sha", "make_run_dir", "Preemption",
-    "check_output_dir", "verbose", "stdout_to_log", "VERBOSE_ENV",
+    "Dist", "init_distributed", "slurm_environment", "setup_logging", "seed_everything", "git_sha", "make_run_dir",
+    "Preemption", "check_output_dir", "verbose", "stdout_to_log", "VERBOSE_ENV",
 ]
 
 VERBOSE_ENV = "FASTMIM_VERBOSE"  # "1": every third-party message comes back (set by fastmim_ds.launch --verbose)
@@ -99,24 +99,77 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def slurm_environment() -> dict[str, str] | None:
+    """The torch.distributed variables of an ``srun`` task, or None outside an srun step.
+
+    Used when the launcher set no ``RANK`` (``srun python -m fastmim_ds ...``: one process per task) and the
+    process is a task of an srun step (``SLURM_STEP_NUM_TASKS`` set; a batch script's own shell is not). Values come
+    from submitit's SLURM job environment (``submitit.slurm.slurm.SlurmJobEnvironment``, which also parses node
+    lists such as ``gpu[001-004,007]``), read at the step level where the step's variables exist (an srun may use a
+    subset of the allocation):
+
+    * ``RANK`` = ``SLURM_PROCID``, ``LOCAL_RANK`` = ``SLURM_LOCALID``, ``WORLD_SIZE`` = ``SLURM_STEP_NUM_TASKS``
+      (``SLURM_NTASKS``), ``LOCAL_SIZE`` = tasks / nodes of the step;
+    * ``MASTER_ADDR`` = the first host of ``SLURM_STEP_NODELIST`` (``SLURM_JOB_NODELIST``), unless set;
+    * ``MASTER_PORT`` = as ``submitit.helpers.TorchDistributedEnvironment``: ``MASTER_PORT`` if set, else a port in
+      [20000, 60000] drawn from the job id (the same on every task of the job).
+
+    Raises:
+        RuntimeError: the node list cannot be parsed, or the rank variables are inconsistent (one line).
+    """
+    if "RANK" in os.environ or "SLURM_STEP_NUM_TASKS" not in os.environ:
+        return None
+    import types
+
+    from submitit.helpers import TorchDistributedEnvironment
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    step = {"num_tasks": "SLURM_STEP_NUM_TASKS", "num_nodes": "SLURM_STEP_NUM_NODES", "nodes": "SLURM_STEP_NODELIST"}
+
+    class _SlurmStepEnvironment(SlurmJobEnvironment):
+        _env = {**SlurmJobEnvironment._env, **{k: v for k, v in step.items() if v in os.environ}}
+
+    env = _SlurmStepEnvironment()
+    try:
+        hosts = env.hostnames
+    except Exception as e:  # submitit's SlurmParseException
+        raise RuntimeError(f"SLURM: cannot read the node list ({e})") from None
+    rank, world, local_rank, nodes = env.global_rank, env.num_tasks, env.local_rank, max(1, env.num_nodes)
+    if not 0 <= rank < world:
+        raise RuntimeError(f"SLURM: SLURM_PROCID={rank} is not in [0, {world}) tasks")
+    port = TorchDistributedEnvironment._get_master_port(types.SimpleNamespace(_job_env=env))
+    return {"RANK": str(rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(world),
+            "LOCAL_SIZE": str(max(1, world // nodes)), "MASTER_ADDR": os.environ.get("MASTER_ADDR", hosts[0]),
+            "MASTER_PORT": str(port)}
+
+
 def init_distributed() -> Dist:
     """Initialises torch.distributed through DeepSpeed from the launcher's environment.
 
-    Works under ``deepspeed``, ``torchrun`` and ``srun`` (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR), and as a
-    plain single process (defaults to a 1-rank group on localhost). The backend is the accelerator's: nccl on
-    GPUs, gloo on CPUs (``DS_ACCELERATOR=cpu``).
+    Works under ``deepspeed`` and ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT), under
+    ``srun`` (one process per task; the same variables from SLURM's, see :func:`slurm_environment`), and as a plain
+    single process (a 1-rank group on localhost). The backend is the accelerator's: nccl on GPUs, gloo on CPUs
+    (``DS_ACCELERATOR=cpu``). A task that sees fewer GPUs than its local rank (``--gpus-per-task``) uses
+    ``local_rank % visible GPUs``.
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    if "RANK" not in os.environ:  # plain `python -m fastmim_ds pretrain`: one rank
+    slurm = slurm_environment()
+    if slurm is not None:
+        os.environ.update(slurm)
+        logger.info("SLURM task: rank %s of %s (local %s), master %s:%s", slurm["RANK"], slurm["WORLD_SIZE"],
+                    slurm["LOCAL_RANK"], slurm["MASTER_ADDR"], slurm["MASTER_PORT"])
+    elif "RANK" not in os.environ:  # plain `python -m fastmim_ds pretrain`: one rank
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     acc = get_accelerator()
+    index = local_rank
     if acc.device_name() != "cpu":
-        acc.set_device(local_rank)
+        index = local_rank % max(1, acc.device_count())
+        acc.set_device(index)
     elif not verbose():  # expected without a GPU: torch's C++ extension loader warns once per rank
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     with stdout_to_log(logger):  # "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully"
@@ -124,7 +177,7 @@ def init_distributed() -> Dist:
     _use_current_collectives()
     world = torch.distributed.get_world_size()
     local_world = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
-    device = torch.device(acc.device_name(local_rank)) if acc.device_name() != "cpu" else torch.device("cpu")
+    device = torch.device(acc.device_name(index)) if acc.device_name() != "cpu" else torch.device("cpu")
     if device.type == "cpu":  # share the node's cores between its ranks
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     return Dist(torch.distributed.get_rank(), local_rank, world, local_world, device)

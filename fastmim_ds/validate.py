@@ -16,6 +16,7 @@ import torch
 
 from .config import ConfigError, FinetuneCfg, PretrainCfg, Resolved, check_mapping, resolve, to_dict
 from .ds_engine import load_ds_config
+from .trackers import check_tracker_packages
 
 __all__ = ["check_pretrain", "check_finetune", "check_common", "check_resume_compatible", "read_classes",
            "check_model_kwargs", "check_classifier_kwargs"]
@@ -53,6 +54,7 @@ def check_common(data, optim, train, world_size: int, *, need_val: bool) -> Reso
     if data.labels_per_class < 0:
         raise ConfigError(f"data.labels_per_class must be >= 0, got {data.labels_per_class}")
     load_ds_config(train.ds_config)
+    check_tracker_packages(train)
     n = _num_images(data.train)
     if data.labels_fraction < 1 or data.labels_per_class:
         from .data.loaders import labeled_subset
@@ -253,12 +255,19 @@ ARCH_KEYS = ("method", "model")
 RESUME_FREE = {"drop_path", "pretrained"}
 
 
-def check_resume_compatible(cfg, saved: dict, tag_dir: Path) -> None:
-    """Refuses to resume ``tag_dir`` (trained with config ``saved``) under a config with another model.
+def check_resume_compatible(cfg, saved: dict, tag_dir: Path, *, world_size: int | None = None) -> None:
+    """Refuses to resume ``tag_dir`` (trained with config ``saved``) under a config with another model, or (with
+    ``world_size``) on another number of ranks than the checkpoint's (its ``complete`` marker's ``world_size``).
 
     Raises:
-        ConfigError: names the first differing key, both values and the fix.
+        ConfigError: names the first differing key, both values and the fix; or the two world sizes and what to do.
     """
+    marker = Path(tag_dir) / "complete"
+    written = json.loads(marker.read_text()).get("world_size") if marker.is_file() else None
+    if world_size is not None and written is not None and written != world_size:
+        raise ConfigError(f"{tag_dir} was written by {written} ranks, this run has {world_size}: resume on {written} "
+                          "ranks (ZeRO shards do not re-partition; resuming on another world size through DeepSpeed's "
+                          "universal checkpoint is not supported yet)")
     now = to_dict(cfg)
     for section in ARCH_KEYS:
         a, b = saved.get(section), now.get(section)

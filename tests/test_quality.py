@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastmim_ds.cli import main as cli
-from fastmim_ds.config import PretrainEvalCfg, load_config, PretrainCfg
+from fastmim_ds.config import PretrainCfg, PretrainEvalCfg, load_config
 from fastmim_ds.data.loaders import dataset_labels, labeled_subset
 from fastmim_ds.knn import knn_evaluate, knn_predict, knn_top1
 from fastmim_ds.models import create_mim_model

@@ -30,10 +30,11 @@ def main() -> None:
     ap.add_argument("config", help="the run's pre-training YAML (its initialisation is the first point)")
     ap.add_argument("--val", required=True)
     ap.add_argument("--bank-images", type=int, default=0, help="k-NN bank size, spread over the train set (0 = all)")
+    ap.add_argument("--knn", action="store_true", help="also the k-NN top-1 at every point (the skill ratio always)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     init, cfg = initial_mim_model(args.config)
-    ev = PretrainEvalCfg(skill_every=1, knn_every=1, knn_bank_images=args.bank_images)
+    ev = PretrainEvalCfg(skill_every=1, knn_every=int(args.knn), knn_bank_images=args.bank_images)
     mon = QualityMonitor(ev, train=cfg.data.train, val=args.val, num_classes=len(read_classes(cfg.data.train)),
                          rank=0, world_size=1, device=torch.device("cpu"), num_workers=2)
     points = [("init", -1, init)]

@@ -2,7 +2,7 @@
 # The pre-training study of the README ("Does pre-training pay?"), one command per row:
 #   studies/run_study.sh pretrain hog|pixel      FastMIM pre-training (configs/study/pretrain_<target>.yaml), resumable
 #   studies/run_study.sh eval scratch|hog|pixel  k-NN, linear probe, fine-tuning at 10 % and 100 % of the labels
-#   studies/run_study.sh curves hog|pixel        skill ratio and k-NN at the initialisation and every checkpoint
+#   studies/run_study.sh curves hog|pixel        skill ratio at the initialisation and every checkpoint (KNN=1: k-NN too)
 # Runs go to $RUNS (default ~/runs/study, outside the work tree); the small raw results (JSON/JSONL) to
 # studies/results/<row>/. Every step skips what is already done, so the script can be re-run after an interruption.
 # One process per command (1 CPU rank); THREADS sets torch's threads (default 1: two rows run side by side).
@@ -42,6 +42,6 @@ case "$what" in
     run finetune finetune configs/study/finetune.yaml "$src" ;;
   curves)
     "$PY" studies/curves.py "$RUNS/pretrain_$row" "configs/study/pretrain_$row.yaml" --val "$DATA/val.beton" \
-      --bank-images 3157 --out "$res/curve.jsonl" ;;
+      --bank-images 3157 ${KNN:+--knn} --out "$res/curve.jsonl" ;;
   *) echo "usage: $0 pretrain|eval|curves <row>" >&2; exit 2 ;;
 esac

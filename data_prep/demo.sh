@@ -22,7 +22,8 @@ if [ ! -f "$OUT/train.beton" ] || [ ! -f "$OUT/val.beton" ]; then
 fi
 
 RUN="$(date +%Y%m%d-%H%M%S)"
-PRE=(--config configs/demo_pretrain.yaml --set "data.train=$OUT/train.beton" --set "train.run_name=$RUN-pretrain")
+PRE=(--config configs/demo_pretrain.yaml --set "data.train=$OUT/train.beton" --set "data.val=$OUT/val.beton"
+     --set "train.run_name=$RUN-pretrain")
 FT=(--config configs/demo_finetune.yaml --set "data.train=$OUT/train.beton" --set "data.val=$OUT/val.beton"
     --set "train.run_name=$RUN-finetune" --pretrained "output/demo/$RUN-pretrain")
 "$PY" -m fastmim_ds check pretrain "${PRE[@]}" --world-size "$NUM"
@@ -31,5 +32,6 @@ V=(); [ "${VERBOSE:-0}" = 0 ] || V=(--verbose)
 LAUNCH=("$PY" -m fastmim_ds.launch "${V[@]}" --log output/demo/launcher.log --
         "$(dirname "$PY")/deepspeed" --num_gpus "$NUM" --master_port "$PORT" --module fastmim_ds)
 "${LAUNCH[@]}" pretrain "${PRE[@]}"
+"$PY" -m fastmim_ds.quality "output/demo/$RUN-pretrain"  # the last epoch's reconstruction skill, in one line
 "${LAUNCH[@]}" finetune "${FT[@]}"
 echo "pre-training: output/demo/$RUN-pretrain (metrics.jsonl), fine-tuning: output/demo/$RUN-finetune"

@@ -14,8 +14,11 @@ all-reduced, so under ZeRO-3 the collective parameter gathers match.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,7 +30,7 @@ from .knn import encoder_features, knn_evaluate
 from .metrics import all_reduce_sum
 
 __all__ = ["SKILL_STALL_RATIO", "SKILL_STALL_EPOCHS", "skill_sums", "mean_target", "QualityMonitor",
-           "spread_indices"]
+           "spread_indices", "skill_summary"]
 
 logger = logging.getLogger(__name__)
 
@@ -153,3 +156,25 @@ class QualityMonitor:
         if due["knn"]:
             row.update(self.knn(model, img_size))
         return row
+
+
+def skill_summary(run_dir: str | Path) -> str:
+    """One line on the last reconstruction skill logged in ``<run_dir>/metrics.jsonl`` (``python -m
+    fastmim_ds.quality RUN`` prints it; ``make demo`` does at the end of pre-training).
+
+    Raises:
+        FileNotFoundError: no metrics.jsonl; ValueError: no epoch with a skill measurement in it.
+    """
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "skill_ratio" in r]
+    if not rows:
+        raise ValueError(f"{run_dir}: no reconstruction skill in metrics.jsonl (eval.skill_every=0 or no data.val)")
+    r = rows[-1]
+    verdict = "better than" if r["skill_ratio"] < 1 else "NO better than"
+    return (f"reconstruction skill after epoch {r['epoch_end'] + 1}: masked-token MSE {r['skill_mse']:.4f} vs "
+            f"{r['skill_mean_mse']:.4f} for the mean predictor, ratio {r['skill_ratio']:.3f}: {verdict} predicting "
+            "the average target")
+
+
+if __name__ == "__main__":
+    print(skill_summary(sys.argv[1]))

@@ -62,7 +62,7 @@ test-gpu:  ## tests that need CUDA
 	$(PY) -m pytest tests -q -m gpu
 
 lint:
-	$(PY) -m ruff check fastmim_ds tests data_prep benchmarks
+	$(PY) -m ruff check fastmim_ds tests data_prep benchmarks studies
 
 demo:  ## whole chain (convert -> pre-train -> fine-tune) on 2 CPU/GPU ranks; DATA=/imagefolder for real images
 	VERBOSE="$(filter-out 0,$(VERBOSE))" bash data_prep/demo.sh "$(DATA)" "$(NUM_GPUS)"

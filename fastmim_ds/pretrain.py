@@ -91,10 +91,12 @@ def main(cfg: PretrainCfg, *, resume: str | None = None) -> dict:
                           hog_bins=cfg.model.hog_bins, hog_cell=cfg.model.hog_cell)
 
     def end_epoch(epoch: int, stats: dict) -> None:
-        logger.info("epoch %d/%d | loss %.4f | %.1f img/s | %.0f s", epoch + 1, cfg.train.epochs, stats["loss"],
-                    stats["img_per_s"], stats["seconds"])
+        logger.info("epoch %d/%d | loss %.4f | %.1f img/s | %.0f s | waited for data %.1f s (%.1f%%)", epoch + 1,
+                    cfg.train.epochs, stats["loss"], stats["img_per_s"], stats["seconds"], stats["data_wait_s"],
+                    100 * stats["data_wait_frac"])
         metrics.write(epoch_end=epoch, train_loss=stats["loss"], img_per_s=stats["img_per_s"],
-                      img_size=current["stage"].img_size)
+                      img_size=current["stage"].img_size, data_wait_s=stats["data_wait_s"],
+                      data_wait_frac=stats["data_wait_frac"])
         if vis.due(epoch):  # every rank: ZeRO-3 gathers parameters collectively; rank 0 writes <run>/vis/
             vis(engine.module, epoch, current["stage"].img_size)
 

@@ -107,9 +107,9 @@ def train_and_evaluate(
 
     Evaluation runs after every ``train.eval_every``-th epoch and the last; each writes a ``metrics.jsonl`` row
     (``epoch_end``, ``train_loss``, ``val_top1``, ``val_top5`` (%), ``val_loss``, ``best_top1``, ``img_per_s``,
-    ``data_wait_s``, ``data_wait_frac``) and one log line; an epoch without evaluation writes its training fields. Checkpoints hold ``config``, ``classes``, ``git_sha``, ``client_extra``, ``pretrain_config``,
-    ``model_name``, ``num_classes`` and ``best`` (``{"top1", "top5", "epoch"}``, epoch 0-based) besides the
-    loop state.
+    ``data_wait_s``, ``data_wait_frac``) and one log line; an epoch without evaluation writes its training fields.
+    Checkpoints hold ``config``, ``classes``, ``git_sha``, ``client_extra``, ``pretrain_config``, ``model_name``,
+    ``num_classes`` and ``best`` (``{"top1", "top5", "epoch"}``, epoch 0-based) besides the loop state.
 
     Args:
         engine: the DeepSpeed engine around ``run.model``.

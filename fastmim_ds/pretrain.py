@@ -68,7 +68,8 @@ def main(cfg: PretrainCfg, *, resume: str | None = None) -> dict:
                 sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
     optimizer = build_optimizer(model, cfg.optim, derived)
     engine = create_engine(model, optimizer, build_ds_config(cfg.train, clip_grad=cfg.optim.clip_grad,
-                                                             world_size=dist.world_size, run_dir=run_dir))
+                                                             world_size=dist.world_size, run_dir=run_dir),
+                           compile=cfg.train.compile, compile_backend=cfg.train.compile_backend)
     scheduler = build_scheduler(optimizer, cfg.optim, derived, epochs=cfg.train.epochs)
     stages = cfg.stages()
     current: dict = {"stage": None, "loader": None}

@@ -80,8 +80,8 @@ def create_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config:
     Args:
         compile: ``engine.compile()`` (``train.compile``): DeepSpeed compiles the module *in place*
             (``nn.Module.compile``), so ``engine.module`` stays ``model`` and its ``state_dict`` keys (checkpoints,
-            export) get no ``_orig_mod.`` prefix. Compilation happens at the first forward; a new input shape
-            (FastMIM-P stage, evaluation batch) compiles once more.
+            export) get no ``_orig_mod.`` prefix. Compilation happens at the first forward, with static shapes: a
+            new input shape (FastMIM-P stage, a smaller last evaluation batch) compiles once more.
         compile_backend: torch.compile backend; empty: the accelerator's (inductor on CUDA and CPU).
     """
     import deepspeed
@@ -97,5 +97,7 @@ def compile_model(engine, backend: str = "") -> None:
     from deepspeed.accelerator import get_accelerator
 
     backend = backend or get_accelerator().get_compile_backend()
-    engine.compile(backend=backend)
+    # static shapes: one graph per input size (a FastMIM-P stage, the last evaluation batch) rather than a dynamic-
+    # shape graph, whose fake-tensor tracing fails on the mask generator's torch.rand of a symbolic size (torch 2.14)
+    engine.compile(backend=backend, compile_kwargs={"dynamic": False})
     logger.info("torch.compile (backend %s): the first steps compile the model", backend)

@@ -146,6 +146,11 @@ def _compare_compiled(backend: str, tmp_path, *, rtol: float, atol: float) -> No
         assert grads[0].keys() == grads[1].keys() and grads[0]
         for name, g in grads[0].items():
             torch.testing.assert_close(grads[1][name], g, rtol=rtol, atol=atol, msg=f"step {step}: {name}")
+    # the product's step draws the mask inside the compiled model (torch.rand of the new size's grid)
+    loss = comp(_batch(32, seed=5)[0])["loss"]
+    comp.backward(loss)
+    comp.step()
+    assert torch.isfinite(loss)
     # checkpoints and export see the plain module names
     keys = list(comp.module.state_dict())
     assert keys == list(eager.module.state_dict()) and not any("_orig_mod" in k for k in keys)

@@ -213,7 +213,7 @@ def stage_pretrain(plan: Plan, ctx: dict) -> dict:
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
         # the budget counts from the first logged step: start-up (imports, engine) is not training
-        while proc.poll() is None and time.perf_counter() - t0 < plan.pretrain_seconds * 3:
+        while proc.poll() is None and time.perf_counter() - t0 < 600:  # SIGTERM before the handler would kill it
             if metrics.is_file() and metrics.stat().st_size:
                 break
             time.sleep(0.5)

@@ -443,7 +443,8 @@ def _round2_section(results: dict) -> list[str]:
         if "input" in res:
             p = res["input"]
             out += [f"## 6. Input stalls: FFCV from the beton vs synthetic tensors ({dev.upper()}, {p['dtype']})", "",
-                    f"FastMIM ViT-B/16 at {p['img_size']} px, batch {p['batch']}, the real training loop; synthetic "
+                    f"FastMIM ViT-B/16{' (tiny smoke run)' if p.get('tiny') else ''} at {p['img_size']} px, batch "
+                    f"{p['batch']}, the real training loop; synthetic "
                     f"{p['synthetic_img_per_s']:.2f} img/s. Target: ratio >= 0.95.", "",
                     "| loader threads | FFCV img/s | ratio | waited for data | target |", "|---|---|---|---|---|"]
             out += [f"| {r['loader_threads']} | {r['img_per_s']:.2f} | {r['ratio']:.3f} | {r['data_wait_frac']:.1%} | "

@@ -43,7 +43,7 @@ LAUNCH_LOG ?= $(or $(OUTPUT_DIR),output)/launcher.log
 LAUNCH = $(PY) -m fastmim_ds.launch $(if $(filter-out 0,$(VERBOSE)),--verbose) --log $(LAUNCH_LOG) -- $(VENV)/bin/deepspeed $(if $(HOSTFILE),--hostfile $(HOSTFILE),--num_gpus $(NUM_GPUS)) --master_port $(MASTER_PORT) --module fastmim_ds
 OVERRIDES = $(foreach s,$(SET),--set $(s)) $(if $(OUTPUT_DIR),--set train.output_dir=$(OUTPUT_DIR))
 
-.PHONY: help install test test-gpu lint demo prepare-imagenet prepare-data pretrain finetune linprobe export visualize bench clean
+.PHONY: help install test test-gpu lint demo prepare-imagenet prepare-data pretrain finetune linprobe export visualize bench gpu-check clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -101,6 +101,13 @@ BENCH_DEVICE ?= $(if $(filter cuda,$(DS_ACCELERATOR)),cuda,cpu)
 bench:  ## speed benchmarks -> benchmarks/RESULTS.md + PNG plots (loader, step cost, utilisation, ZeRO memory, scaling)
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m benchmarks.run_all --device $(BENCH_DEVICE)
+
+# `make gpu-check`: <= 6 min on one GPU -> results/cuda/*.json + REPORT.md; GPU_CHECK_ARGS="--device cpu --dry-run"
+# runs every stage with tiny sizes on the CPU (results/cpu-dry/).
+GPU_CHECK_ARGS ?= --device cuda
+
+gpu-check:  ## one-GPU check: bf16 peak, ViT-B step, FFCV to GPU, ZeRO-2 vs 0 memory, 2-min imagenette run -> results/cuda/
+	$(PY) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf .pytest_cache build *.egg-info

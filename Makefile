@@ -43,7 +43,7 @@ LAUNCH_LOG ?= $(or $(OUTPUT_DIR),output)/launcher.log
 LAUNCH = $(PY) -m fastmim_ds.launch $(if $(filter-out 0,$(VERBOSE)),--verbose) --log $(LAUNCH_LOG) -- $(VENV)/bin/deepspeed $(if $(HOSTFILE),--hostfile $(HOSTFILE),--num_gpus $(NUM_GPUS)) --master_port $(MASTER_PORT) --module fastmim_ds
 OVERRIDES = $(foreach s,$(SET),--set $(s)) $(if $(OUTPUT_DIR),--set train.output_dir=$(OUTPUT_DIR))
 
-.PHONY: help install test test-gpu lint demo prepare-imagenet prepare-data pretrain finetune linprobe export visualize bench gpu-check clean
+.PHONY: help install test test-gpu lint demo study prepare-imagenet prepare-data pretrain finetune linprobe export visualize bench gpu-check clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -108,6 +108,13 @@ GPU_CHECK_ARGS ?= --device cuda
 
 gpu-check:  ## one-GPU check: bf16 peak, ViT-B step, FFCV to GPU, ZeRO-2 vs 0 memory, 2-min imagenette run -> results/cuda/
 	$(PY) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
+
+study:  ## the pre-training study on imagenette (README "Does pre-training pay?"): ~3 h on 2 CPU cores; RUNS=~/runs/study
+	@test -f data/imagenette128/train.beton || $(CLI) prepare --src $(or $(SRC),../shared/datasets/imagenette2-224) --out data/imagenette128 --max-res 128
+	studies/run_study.sh pretrain hog & studies/run_study.sh pretrain pixel & wait
+	studies/run_study.sh curves hog && studies/run_study.sh curves pixel
+	studies/run_study.sh eval scratch & studies/run_study.sh eval hog & studies/run_study.sh eval pixel & wait
+	$(PY) studies/table.py
 
 clean:
 	rm -rf .pytest_cache build *.egg-info

@@ -25,7 +25,8 @@ SHARED = ["model.encoder_kwargs={embed_dim: 64, depth: 2, num_heads: 2, patch_si
 
 
 def _sets(items: list[str]) -> list[str]:
-    return [a for s in items for a in ("--set", s.replace(": ", "="))]
+    # "section.key: value" -> "section.key=value" (only the first separator: a YAML mapping value keeps its ": ")
+    return [a for s in items for a in ("--set", s if "=" in s else s.replace(": ", "=", 1))]
 
 
 def _rows(run: Path) -> list[dict]:
@@ -60,7 +61,9 @@ def test_pretrain_two_ranks_loss_decreases(pretrain_run):
     epochs = [r for r in rows if "epoch_end" in r]
     assert [r["epoch_end"] for r in epochs] == [0, 1, 2, 3]
     assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in steps)  # finite, positive
-    assert epochs[-1]["train_loss"] < 0.8 * epochs[0]["train_loss"], [r["train_loss"] for r in epochs]
+    # the decoder starts at the mean-predictor level (constant prediction), so the loss falls from there, not from
+    # the ~30x larger loss of a xavier-initialised prediction layer
+    assert epochs[-1]["train_loss"] < 0.93 * epochs[0]["train_loss"], [r["train_loss"] for r in epochs]
     # 240 images / (16 per rank x 2 ranks) = 7 optimizer steps per epoch, logged every step, lr warmup from 0
     assert [r["step"] for r in steps] == list(range(1, 29))
     assert steps[0]["lr"] < steps[6]["lr"]

@@ -42,10 +42,6 @@ class HOGTarget(nn.Module):
     def __init__(self, *, nbins: int = 9, cell: int = 8, normalize: bool = True):
         super().__init__()
         self.nbins, self.cell, self.normalize = nbins, cell, normalize
-        kx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
-        # (2 * 3, 1, 3, 3): x then y Sobel kernel for each colour channel (depthwise conv, groups = 3)
-        weight = torch.stack([kx, kx.t()]).unsqueeze(1).repeat(3, 1, 1, 1)
-        self.register_buffer("sobel", weight, persistent=False)
 
     def out_dim(self, stride: int) -> int:
         """Values per token for an encoder of output stride ``stride`` px: 3 * nbins * (stride / cell)^2."""
@@ -68,9 +64,14 @@ class HOGTarget(nn.Module):
         """(B, 3, H, W) normalised image -> (B, 3 * nbins, H / cell, W / cell) fp32, channel index c * nbins + bin."""
         x = imgs.float()
         B, C, H, W = x.shape
-        x = F.pad(x, (1, 1, 1, 1), mode="reflect")
-        g = F.conv2d(x, self.sobel.float(), groups=C).view(B, C, 2, H, W)  # cross-correlation, as F.conv2d
-        gx, gy = g[:, :, 0], g[:, :, 1]
+        x = F.pad(x, (1, 1, 1, 1), mode="reflect")  # (B, C, H + 2, W + 2)
+        # the reference's Sobel cross-correlation (kernels [[1, 0, -1], [2, 0, -2], [1, 0, -1]] and its transpose),
+        # written as differences first: a flat region then gives exactly 0, whereas F.conv2d's summation order on
+        # some backends leaves ~1e-6, which the per-cell L2 normalisation would blow up to a unit histogram
+        dx = x[..., :, :-2] - x[..., :, 2:]  # (B, C, H + 2, W): x[j - 1] - x[j + 1]
+        gx = dx[..., :-2, :] + 2 * dx[..., 1:-1, :] + dx[..., 2:, :]  # rows i - 1, i, i + 1 weighted 1, 2, 1
+        dy = x[..., :-2, :] - x[..., 2:, :]  # (B, C, H, W + 2): x[i - 1] - x[i + 1]
+        gy = dy[..., :, :-2] + 2 * dy[..., :, 1:-1] + dy[..., :, 2:]
         magnitude = torch.sqrt(gx * gx + gy * gy)
         # atan2(gx, gy) with gx first, as the reference; floor(.) mod nbins folds theta and theta + pi together
         phase = torch.atan2(gx, gy) / math.pi * self.nbins

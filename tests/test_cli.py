@@ -20,8 +20,8 @@ def _check(*args: str) -> subprocess.CompletedProcess:
     ("data.img_size=120", "config error: data.img_size: image size 120 is not divisible by the mask block size 16"),
     ("train.epochs=ten", "config error: train.epochs: expected an integer, got 'ten'"),
     ("method=mae", "config error: method: unknown 'mae' (choices: fastmim"),
-    ("mask.block_size=24",
-     "config error: mask.block_size: mask block size 24 must be a multiple of the encoder stride 16"),
+    ("mask.block_size=20",  # the demo encoder has 8-px patches
+     "config error: mask.block_size: mask block size 20 must be a multiple of the encoder stride 8"),
     # issue 17: YAML flow syntax without spaces used to merge {"depth:6": None, ...}, which timm dropped
     ("model.encoder_kwargs={depth:6,patch_size:8}",
      "config error: model.encoder_kwargs: key 'depth:6' contains ':' (YAML reads 'name:value' without a space as "

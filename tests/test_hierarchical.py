@@ -95,6 +95,10 @@ def test_forward_backward_every_parameter_gets_gradient(family):
     assert out["pred"].shape == (B, 16, 432) and out["target"].shape == (B, 16, 432)
     assert out["mask"].sum(1).tolist() == [12] * B  # 4x4 blocks of 32 px, 16 - int(16 * 0.25) masked
     assert torch.isfinite(out["loss"])
+    # a fresh decoder predicts a constant (zero prediction weight), which stops gradients to the layers before it
+    # until the first update: give that weight the values an update would, then check every parameter
+    torch.nn.init.normal_(model.decoder.pred.weight, std=0.02)
+    out = model(_imgs(128))
     out["loss"].backward()
     for name, p in model.named_parameters():
         assert p.grad is not None, f"{name} got no gradient"

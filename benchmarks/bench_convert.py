@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
               "best_s": best, "median_s": {k: median(v) for k, v in times.items()},
               "ratio": best["ffcv"] / best["prepare"]}
     print(f"{n} files, max res {args.max_res}, quality {args.jpeg_quality}, {args.workers} workers: FFCV "
-          f"DatasetWriter {best['ffcv']:.1f} s ({n / best['ffcv']:.0f} img/s), fastmim-ds prepare "
-          f"{best['prepare']:.1f} s ({n / best['prepare']:.0f} img/s), ratio {result['ratio']:.2f} "
+          f"DatasetWriter {best['ffcv']:.1f} s ({n / best['ffcv']:.1f} img/s), fastmim-ds prepare "
+          f"{best['prepare']:.1f} s ({n / best['prepare']:.1f} img/s), ratio {result['ratio']:.2f} "
           "(FFCV time / prepare time, best of "
           f"{args.repeats}; target >= 0.9)")
     if not args.no_save:

@@ -20,6 +20,10 @@ The beton is written to ``<split>.beton.partial`` and renamed only once verified
 never leaves a half-written file under the final name; re-running removes a stale ``.partial`` and starts that split
 over. ``classes.json`` beside the betons holds the class names (folder names, sorted) and the verified per-split
 counts; fine-tuning reads ``num_classes`` from it and the inference API its labels.
+
+Other layouts (unlabeled folders, the ImageNet tars, Kaggle's layout, Hugging Face datasets) are listed by
+:mod:`fastmim_ds.data.sources` and written by :func:`convert_source` through the same passes
+(:func:`convert_samples`): a sample is a file path or a reference whose ``read()`` gives the encoded bytes.
 """
 from __future__ import annotations
 

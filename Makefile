@@ -46,7 +46,7 @@ LAUNCH_LOG ?= $(or $(OUTPUT_DIR),output)/launcher.log
 LAUNCH = $(PY) -m fastmim_ds.launch $(if $(filter-out 0,$(VERBOSE)),--verbose) --log $(LAUNCH_LOG) -- $(VENV)/bin/deepspeed $(if $(HOSTFILE),--hostfile $(HOSTFILE),--num_gpus $(NUM_GPUS)) --master_port $(MASTER_PORT) --module fastmim_ds
 OVERRIDES = $(foreach s,$(SET),--set $(s)) $(if $(OUTPUT_DIR),--set train.output_dir=$(OUTPUT_DIR))
 
-.PHONY: help install test test-gpu lint demo prepare-imagenet prepare-data pretrain finetune linprobe export visualize bench clean
+.PHONY: help install test test-gpu lint demo study prepare-imagenet prepare-data pretrain finetune linprobe export visualize bench gpu-check clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -65,7 +65,7 @@ test-gpu:  ## tests that need CUDA
 	$(PY) -m pytest tests -q -m gpu
 
 lint:
-	$(PY) -m ruff check fastmim_ds tests data_prep benchmarks
+	$(PY) -m ruff check fastmim_ds tests data_prep benchmarks studies
 
 demo:  ## whole chain (convert -> pre-train -> fine-tune) on 2 CPU/GPU ranks; DATA=/imagefolder for real images
 	VERBOSE="$(filter-out 0,$(VERBOSE))" bash data_prep/demo.sh "$(DATA)" "$(NUM_GPUS)"
@@ -104,6 +104,20 @@ BENCH_DEVICE ?= $(if $(filter cuda,$(DS_ACCELERATOR)),cuda,cpu)
 bench:  ## speed benchmarks -> benchmarks/RESULTS.md + PNG plots (loader, step cost, utilisation, ZeRO memory, scaling)
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m benchmarks.run_all --device $(BENCH_DEVICE)
+
+# `make gpu-check`: <= 6 min on one GPU -> results/cuda/*.json + REPORT.md; GPU_CHECK_ARGS="--device cpu --dry-run"
+# runs every stage with tiny sizes on the CPU (results/cpu-dry/).
+GPU_CHECK_ARGS ?= --device cuda
+
+gpu-check:  ## one-GPU check: bf16 peak, ViT-B step, FFCV to GPU, ZeRO-2 vs 0 memory, 2-min imagenette run -> results/cuda/
+	$(PY) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
+
+study:  ## the pre-training study on imagenette (README "Does pre-training pay?"): ~3 h on 2 CPU cores; RUNS=~/runs/study
+	@test -f data/imagenette128/train.beton || $(CLI) prepare --src $(or $(SRC),../shared/datasets/imagenette2-224) --out data/imagenette128 --max-res 128
+	studies/run_study.sh pretrain hog & studies/run_study.sh pretrain pixel & wait
+	studies/run_study.sh curves hog && studies/run_study.sh curves pixel
+	studies/run_study.sh eval scratch & studies/run_study.sh eval hog & studies/run_study.sh eval pixel & wait
+	$(PY) studies/table.py
 
 clean:
 	rm -rf .pytest_cache build *.egg-info

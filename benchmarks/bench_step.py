@@ -169,12 +169,13 @@ def _profile_table(engine, imgs: torch.Tensor, device: torch.device, rows: int =
 
 def bench_family(name: str, *, device: torch.device, dtype: str, batch: int, rounds: int, steps: int,
                  warmup: int, profile: bool, methods: list[str] | None = None, ds_config: str | None = None,
-                 half: int | None = None) -> dict:
+                 half: int | None = None, fused: bool | None = None) -> dict:
     """Interleaved step timings of FastMIM and the baselines of one backbone family (see module docstring).
 
     ``methods`` (default: all of the family's) and ``ds_config`` (default: the ZeRO-2 file of ``dtype``) narrow it.
     ``half``: also time steps on the first ``half`` images of the batch (same engine), to split the step time into
-    a per-step fixed cost and a per-image cost (``fixed_s``, ``per_img_s``).
+    a per-step fixed cost and a per-image cost (``fixed_s``, ``per_img_s``). ``fused``: as
+    :func:`benchmarks.common.build_engine`.
     """
     fam = FAMILIES[name]
     methods = methods or ["fastmim", *fam["baselines"]]
@@ -186,7 +187,7 @@ def bench_family(name: str, *, device: torch.device, dtype: str, batch: int, rou
         probe = random_images(2, img_size, torch.device("cpu"))  # FLOPs do not depend on the device
         flops, by_op = count_flops(lambda m=model, x=probe: m(x)["loss"].backward())
         model.zero_grad(set_to_none=True)
-        engine = build_engine(model.to(device), dtype=dtype, micro_batch=batch, ds_config=ds_config)
+        engine = build_engine(model.to(device), dtype=dtype, micro_batch=batch, ds_config=ds_config, fused=fused)
         imgs = random_images(batch, img_size, device)
         for _ in range(warmup):  # first steps allocate optimizer state, pick kernels
             train_step(engine, imgs)

@@ -24,7 +24,7 @@ import torch
 __all__ = [
     "REPO", "RESULTS", "DTYPES", "DS_CONFIGS", "add_device_args", "setup_device", "sync", "timed", "median",
     "peak_matmul", "count_flops", "one_rank_group", "build_engine", "train_step", "machine_info", "write_result",
-    "read_results", "random_images",
+    "read_results", "random_images", "rss_bytes", "TINY_VIT",
 ]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,6 +184,18 @@ def train_step(engine, imgs: torch.Tensor) -> torch.Tensor:
     return loss.detach()
 
 
+# --tiny smoke runs of the benchmark scripts: a 2-block 32-d ViT/16 at 64 px (seconds on a CPU)
+TINY_VIT = {"encoder_kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2}, "decoder_dim": 32, "img_size": 64}
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    """This process's resident set (``VmRSS``) or its high-water mark (``VmHWM``) in bytes (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def random_images(batch: int, img_size: int, device: torch.device) -> torch.Tensor:
     """(B, 3, H, W) fp32 N(0, 1) images (mean/std-normalised range), channels-last as the FFCV loader yields them."""
     return torch.randn(batch, 3, img_size, img_size, device=device).contiguous(memory_format=torch.channels_last)
@@ -225,9 +237,10 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def write_result(device: torch.device, name: str, payload: dict) -> Path:
-    """Writes ``payload`` (plus the load average at the end) to ``benchmarks/results/<device>/<name>.json``."""
-    out = RESULTS / device.type / f"{name}.json"
+def write_result(device: torch.device, name: str, payload: dict, out: Path | str | None = None) -> Path:
+    """Writes ``payload`` (plus the load average at the end) to ``benchmarks/results/<device>/<name>.json`` (or to
+    ``out``: smoke runs and the GPU check keep their files elsewhere)."""
+    out = Path(out) if out else RESULTS / device.type / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     payload.setdefault("machine", {})["load_avg_end"] = os.getloadavg()[0]
     out.write_text(json.dumps(payload, indent=1))

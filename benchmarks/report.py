@@ -436,6 +436,47 @@ def _scaling_section(results: dict) -> list[str]:
     return out
 
 
+def _round2_section(results: dict) -> list[str]:
+    """Issue 16: input stalls, activation checkpointing, torch.compile, ZeRO-2 knobs (rendered when measured)."""
+    out = []
+    for dev, res in results.items():
+        if "input" in res:
+            p = res["input"]
+            out += [f"## 6. Input stalls: FFCV from the beton vs synthetic tensors ({dev.upper()}, {p['dtype']})", "",
+                    f"FastMIM ViT-B/16{' (tiny smoke run)' if p.get('tiny') else ''} at {p['img_size']} px, batch "
+                    f"{p['batch']}, the real training loop; synthetic "
+                    f"{p['synthetic_img_per_s']:.2f} img/s. Target: ratio >= 0.95.", "",
+                    "| loader threads | FFCV img/s | ratio | waited for data | target |", "|---|---|---|---|---|"]
+            out += [f"| {r['loader_threads']} | {r['img_per_s']:.2f} | {r['ratio']:.3f} | {r['data_wait_frac']:.1%} | "
+                    f"{_ok(r['ratio'] >= 0.95)} |" for r in p["rows"]] + [""]
+        if "gradckpt" in res:
+            p = res["gradckpt"]
+            out += [f"## 7. Activation checkpointing ({dev.upper()}, {p['dtype']}, batch {p['batch']})", "",
+                    "| backbone | px | peak step memory off (MB) | on (MB) | saving | step-time cost |",
+                    "|---|---|---|---|---|---|"]
+            out += [f"| {r['family']} | {r['img_size']} | {_mb(r['peak_bytes_off'])} | {_mb(r['peak_bytes_on'])} | "
+                    f"{r['memory_saving']:.0%} | {r['time_cost']:.2f}x |" for r in p["rows"]] + [""]
+        if "compile" in res:
+            p = res["compile"]
+            r = p["resize"]
+            out += [f"## 8. torch.compile ({dev.upper()}, {p['dtype']}, backend {p['backend']})", "",
+                    f"FastMIM ViT-B/16, batch {p['batch']}. Target: speed-up >= 1.15x.", "",
+                    "| image size | eager s/step | compiled s/step | speed-up | compilation s | target |",
+                    "|---|---|---|---|---|---|",
+                    f"| {p['img_size']} px | {p['eager_step_s']:.3f} | {p['compiled_step_s']:.3f} | "
+                    f"{p['speedup']:.2f}x | {p['compile_s']:.0f} | {_ok(p['speedup'] >= 1.15)} |",
+                    f"| {r['img_size']} px (size change) | {r['eager_step_s']:.3f} | {r['compiled_step_s']:.3f} | "
+                    f"{r['speedup']:.2f}x | {r['recompile_s']:.0f} (recompile) | |", ""]
+        if "zero_knobs" in res:
+            p = res["zero_knobs"]
+            out += [f"## 9. ZeRO-2 knobs ({dev.upper()}, {p['dtype']}, ViT-B/16, batch {p['batch']}, 1 rank)", "",
+                    "| variant | FastMIM s/step | SimMIM-style s/step | ratio | FastMIM fixed s/step | target 3.0x |",
+                    "|---|---|---|---|---|---|"]
+            out += [f"| {r['variant']} | {r['fastmim_step_s']:.3f} | {r['simmim_step_s']:.3f} | {r['ratio']:.2f}x | "
+                    f"{r['fastmim_fixed_s']:.3f} | {_ok(r['ratio'] >= 3.0)} |" for r in p["rows"]] + [""]
+    return out
+
+
 def write_report() -> Path:
     """Renders RESULTS.md (and the PNGs) from the result files present; returns its path."""
     results = read_results()
@@ -451,7 +492,7 @@ def write_report() -> Path:
     for dev, res in results.items():
         lines += _machine(res, dev) + [""]
     lines += _loader_section(results) + _step_section(results) + _util_section(results) + _zero_section(results)
-    lines += _scaling_section(results)
+    lines += _scaling_section(results) + _round2_section(results)
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     path = OUT / "RESULTS.md"
     path.write_text("\n".join(lines))

@@ -1,7 +1,9 @@
 """Runs every benchmark of one device in turn, then renders ``benchmarks/RESULTS.md`` (``make bench``).
 
 Each benchmark is its own process (FFCV's loader threads, DeepSpeed's process group and the 2-rank ZeRO jobs stay
-apart). On ``--device cuda`` the ZeRO memory benchmark is not run: it needs 2 ranks, measured on CPU ranks.
+apart). Issue 16 added ``input`` (loader stalls), ``gradckpt`` (activation checkpointing), ``compile``
+(torch.compile) and ``zero_knobs`` (ZeRO-2 knobs); their result files render in RESULTS.md's last sections.
+On ``--device cuda`` the ZeRO memory benchmark is not run: it needs 2 ranks, measured on CPU ranks.
 
 Usage: ``python -m benchmarks.run_all [--device cuda] [--only loader step ...]``.
 """
@@ -22,7 +24,9 @@ from benchmarks.report import write_report
 
 logger = logging.getLogger("run_all")
 
-BENCHMARKS = ("loader", "step", "scaling", "zero")  # module benchmarks.bench_<name>
+BENCHMARKS = ("loader", "step", "scaling", "zero", "input", "gradckpt", "compile", "zero_knobs")  # benchmarks.bench_*
+CUDA_SKIP = ("zero",)  # 2-rank CPU job: not run with --device cuda
+NO_DEVICE_FLAG = ("zero",)  # takes no --device
 
 
 def main() -> None:
@@ -31,13 +35,14 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    names = [n for n in (args.only or BENCHMARKS) if not (n == "zero" and args.device == "cuda")]
+    names = [n for n in (args.only or BENCHMARKS) if not (n in CUDA_SKIP and args.device == "cuda")]
     env = {**os.environ, "DS_ACCELERATOR": "cpu" if args.device == "cpu" else os.environ.get("DS_ACCELERATOR", "cuda"),
            "PYTHONPATH": str(REPO)}
     seconds = {}
     t0 = time.perf_counter()
     for name in names:
-        cmd = [sys.executable, "-m", f"benchmarks.bench_{name}"] + (["--device", args.device] if name != "zero" else [])
+        cmd = [sys.executable, "-m", f"benchmarks.bench_{name}"] + ([] if name in NO_DEVICE_FLAG else
+                                                                     ["--device", args.device])
         logger.info("running %s", " ".join(cmd[1:]))
         start = time.perf_counter()
         subprocess.run(cmd, cwd=REPO, env=env, check=True)

@@ -107,10 +107,10 @@ def train_and_evaluate(
     """Trains ``engine`` for ``train.epochs`` and evaluates it; resumes from ``run.dir`` when asked.
 
     Evaluation runs after every ``train.eval_every``-th epoch and the last; each writes a ``metrics.jsonl`` row
-    (``epoch_end``, ``train_loss``, ``val_top1``, ``val_top5`` (%), ``val_loss``, ``best_top1``, ``img_per_s``)
-    and one log line. Checkpoints hold ``config``, ``classes``, ``git_sha``, ``client_extra``, ``pretrain_config``,
-    ``model_name``, ``num_classes`` and ``best`` (``{"top1", "top5", "epoch"}``, epoch 0-based) besides the
-    loop state.
+    (``epoch_end``, ``train_loss``, ``val_top1``, ``val_top5`` (%), ``val_loss``, ``best_top1``, ``img_per_s``,
+    ``data_wait_s``, ``data_wait_frac``) and one log line; an epoch without evaluation writes its training fields.
+    Checkpoints hold ``config``, ``classes``, ``git_sha``, ``client_extra``, ``pretrain_config``, ``model_name``,
+    ``num_classes`` and ``best`` (``{"top1", "top5", "epoch"}``, epoch 0-based) besides the loop state.
 
     Args:
         engine: the DeepSpeed engine around ``run.model``.
@@ -163,15 +163,22 @@ def train_and_evaluate(
 
     def end_epoch(epoch: int, stats: dict) -> None:
         nonlocal ev
+        wait = dict(data_wait_s=stats["data_wait_s"], data_wait_frac=stats["data_wait_frac"])
         if epoch + 1 == cfg.train.epochs or (epoch + 1) % cfg.train.eval_every == 0:
             ev = evaluate_fn(val_loader)
             if ev["top1"] > best["top1"]:
                 best.update(top1=ev["top1"], top5=ev["top5"], epoch=epoch)
             metrics.write(epoch_end=epoch, train_loss=stats["loss"], val_top1=ev["top1"], val_top5=ev["top5"],
-                          val_loss=ev["loss"], best_top1=best["top1"], img_per_s=stats["img_per_s"])
-            log.info("epoch %d/%d | train loss %.4f | val top-1 %.2f top-5 %.2f (%d images) | best %.2f @%d",
-                        epoch + 1, cfg.train.epochs, stats["loss"], ev["top1"], ev["top5"], ev["images"],
-                        best["top1"], best["epoch"] + 1)
+                          val_loss=ev["loss"], best_top1=best["top1"], img_per_s=stats["img_per_s"], **wait)
+            log.info("epoch %d/%d | train loss %.4f | val top-1 %.2f top-5 %.2f (%d images) | best %.2f @%d | "
+                     "waited for data %.1f s (%.1f%%)", epoch + 1, cfg.train.epochs, stats["loss"], ev["top1"],
+                     ev["top5"], ev["images"], best["top1"], best["epoch"] + 1, stats["data_wait_s"],
+                     100 * stats["data_wait_frac"])
+        else:  # no evaluation this epoch: the training side of the row still goes to metrics.jsonl and the log
+            metrics.write(epoch_end=epoch, train_loss=stats["loss"], img_per_s=stats["img_per_s"], **wait)
+            log.info("epoch %d/%d | train loss %.4f | %.1f img/s | waited for data %.1f s (%.1f%%)", epoch + 1,
+                     cfg.train.epochs, stats["loss"], stats["img_per_s"], stats["data_wait_s"],
+                     100 * stats["data_wait_frac"])
 
     client = {"config": to_dict(cfg), "classes": run.classes, "class_names": read_class_names(cfg.data.train),
               "git_sha": git_sha(), **(client_extra or {}),

@@ -69,6 +69,9 @@ class MIMModelCfg:
     hog_cell: int = 8  # px side of a HOG cell
     drop_path: float = 0.0
     encoder_blocks: int = 0  # >0: pre-train only the first k encoder blocks (FastMIM finding ii); 0 = all
+    # activation checkpointing of the encoder blocks (timm set_grad_checkpointing): recomputes each block's forward
+    # in backward, so activations of one block at a time are held; less memory, ~1/3 more compute per step
+    grad_checkpointing: bool = False
 
 
 @dataclass
@@ -114,6 +117,10 @@ class TrainCfg:
     mlflow_uri: str = ""  # empty: sqlite:///<output_dir>/mlflow.db (a local file, no server); or http://host:5000
     mlflow_experiment: str = "fastmim-ds"
     mlflow_run_name: str = ""  # empty: the run folder's name
+    # torch.compile the model through DeepSpeed's engine.compile() (nn.Module.compile: in place, the state_dict keeps
+    # its names). The first steps compile (minutes for a ViT-B); a new input size (FastMIM-P stage) recompiles once.
+    compile: bool = False
+    compile_backend: str = ""  # empty: the accelerator's default (inductor); "aot_eager", "eager" to debug
 
 
 @dataclass
@@ -186,6 +193,7 @@ class ClassifierCfg:
     num_classes: int = 0  # 0: read from the dataset's classes.json
     drop_path: float = 0.1
     global_pool: str = "avg"  # mean of patch tokens, then fc_norm (FastMIM/MAE fine-tuning)
+    grad_checkpointing: bool = False  # activation checkpointing of the blocks (timm set_grad_checkpointing)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from .config import ConfigError, TrainCfg
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BATCH_KEYS", "load_ds_config", "build_ds_config", "create_engine"]
+__all__ = ["BATCH_KEYS", "load_ds_config", "build_ds_config", "create_engine", "compile_model"]
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -73,9 +73,31 @@ def build_ds_config(train: TrainCfg, *, clip_grad: float, world_size: int, run_d
     return cfg
 
 
-def create_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):
-    """``deepspeed.initialize`` with a client optimizer; returns the engine (its ``module`` is ``model``)."""
+def create_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, *, compile: bool = False,
+                  compile_backend: str = ""):
+    """``deepspeed.initialize`` with a client optimizer; returns the engine (its ``module`` is ``model``).
+
+    Args:
+        compile: ``engine.compile()`` (``train.compile``): DeepSpeed compiles the module *in place*
+            (``nn.Module.compile``), so ``engine.module`` stays ``model`` and its ``state_dict`` keys (checkpoints,
+            export) get no ``_orig_mod.`` prefix. Compilation happens at the first forward, with static shapes: a
+            new input shape (FastMIM-P stage, a smaller last evaluation batch) compiles once more.
+        compile_backend: torch.compile backend; empty: the accelerator's (inductor on CUDA and CPU).
+    """
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if compile:
+        compile_model(engine, compile_backend)
     return engine
+
+
+def compile_model(engine, backend: str = "") -> None:
+    """Compiles ``engine.module`` in place with DeepSpeed's ``engine.compile`` (see :func:`create_engine`)."""
+    from deepspeed.accelerator import get_accelerator
+
+    backend = backend or get_accelerator().get_compile_backend()
+    # static shapes: one graph per input size (a FastMIM-P stage, the last evaluation batch) rather than a dynamic-
+    # shape graph, whose fake-tensor tracing fails on the mask generator's torch.rand of a symbolic size (torch 2.14)
+    engine.compile(backend=backend, compile_kwargs={"dynamic": False})
+    logger.info("torch.compile (backend %s): the first steps compile the model", backend)

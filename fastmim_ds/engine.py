@@ -90,7 +90,10 @@ def train_one_epoch(
         on_update: called after every update that did not stop the epoch (mid-epoch checkpoints).
 
     Returns:
-        ``{"loss": mean finite loss over ranks and steps, "img_per_s", "steps", "seconds", "stopped": bool}``.
+        ``{"loss": mean finite loss over ranks and steps, "img_per_s", "steps", "seconds", "stopped": bool,
+        "data_wait_s", "data_wait_frac"}``: the last two are the seconds the loop spent waiting for the loader's next
+        batch (mean over ranks) and their share of the epoch's wall time (input stalls; ~0 when the loader keeps
+        up). ``metrics.jsonl`` step rows carry ``data_wait_frac`` of their window too.
 
     Raises:
         TrainingDiverged: ``max_nonfinite`` skipped updates in a row (names epoch, step and lr).
@@ -104,11 +107,19 @@ def train_one_epoch(
     n_finite = torch.zeros((), dtype=torch.float64, device=device)
     window = {"loss": 0.0, "n": 0.0, "imgs": 0, "t": time.time()}
     epoch_t, epoch_imgs, steps, stopped = time.time(), 0, 0, False
+    wait = {"epoch": 0.0, "window": 0.0}  # seconds spent in next(loader): the loop stalled on input
     total_micro = (updates_per_epoch - state.update) * accum
     bar = progress(loader, total=total_micro, desc=f"epoch {state.epoch}", enabled=show_progress)
-    for micro, (images, labels) in enumerate(bar):
-        if micro >= total_micro:
+    batches = iter(bar)
+    for micro in range(total_micro):
+        t_wait = time.perf_counter()
+        try:
+            images, labels = next(batches)
+        except StopIteration:
             break
+        t_wait = time.perf_counter() - t_wait
+        wait["epoch"] += t_wait
+        wait["window"] += t_wait
         if micro % accum == 0:
             scheduler.step(state.epoch + state.update / updates_per_epoch)
         out = step_fn(engine, images, labels)
@@ -141,30 +152,37 @@ def train_one_epoch(
                     f"{state.skipped_in_row} optimizer steps in a row skipped for non-finite loss/gradients "
                     f"(last: epoch {state.epoch}, step {state.global_step}, lr {lr:.3g})")
         if state.update % log_every == 0 or state.update == updates_per_epoch:
-            loss_total, n_total = all_reduce_sum([loss_sum.item() - window["loss"], n_finite.item() - window["n"]],
-                                                 device)
+            loss_total, n_total, wait_total = all_reduce_sum(
+                [loss_sum.item() - window["loss"], n_finite.item() - window["n"], wait["window"]], device)
             elapsed = time.time() - window["t"]
             row = dict(step=state.global_step, epoch=state.epoch,
                        epoch_1000x=int((state.epoch + state.update / updates_per_epoch) * 1000), lr=lr,
                        loss=loss_total / n_total if n_total else math.nan,
-                       img_per_s=window["imgs"] * world / max(elapsed, 1e-9), skipped_steps=state.skipped_total)
+                       img_per_s=window["imgs"] * world / max(elapsed, 1e-9), skipped_steps=state.skipped_total,
+                       data_wait_frac=min(1.0, wait_total / world / max(elapsed, 1e-9)))
             metrics.write(**row)
             if show_progress:
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{row['img_per_s']:.0f}")
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{row['img_per_s']:.0f}",
+                                wait=f"{row['data_wait_frac']:.0%}")
             window = {"loss": loss_sum.item(), "n": n_finite.item(), "imgs": 0, "t": time.time()}
+            wait["window"] = 0.0
         if stop_requested():
             stopped = True
             break
         if on_update is not None:
             on_update(state)
-    loss_total, n_total = all_reduce_sum([loss_sum.item(), n_finite.item()], device)
+    if hasattr(batches, "close"):  # end the epoch's iterator here, as leaving a for loop over it would
+        batches.close()
     elapsed = time.time() - epoch_t
+    loss_total, n_total, wait_sum = all_reduce_sum([loss_sum.item(), n_finite.item(), wait["epoch"]], device)
     return {
         "loss": loss_total / n_total if n_total else math.nan,
         "img_per_s": epoch_imgs * world / max(elapsed, 1e-9),
         "steps": steps,
         "seconds": elapsed,
         "stopped": stopped,
+        "data_wait_s": wait_sum / world,
+        "data_wait_frac": min(1.0, wait_sum / world / max(elapsed, 1e-9)),
     }
 
 

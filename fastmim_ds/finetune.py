@@ -52,7 +52,8 @@ def main(cfg: FinetuneCfg, *, resume: str | None = None) -> dict:
 
     optimizer = build_optimizer(run.model, cfg.optim, derived)
     engine = create_engine(run.model, optimizer, build_ds_config(cfg.train, clip_grad=cfg.optim.clip_grad,
-                                                                 world_size=dist.world_size, run_dir=run.dir))
+                                                                 world_size=dist.world_size, run_dir=run.dir),
+                           compile=cfg.train.compile, compile_backend=cfg.train.compile_backend)
     dtype = next(engine.module.parameters()).dtype
     criterion, mixup = _criterion_and_mixup(cfg, run.num_classes)
     erase = RandomErasing(cfg.aug.reprob, mode="pixel", device=str(dist.device)) if cfg.aug.reprob > 0 else None

@@ -155,7 +155,8 @@ def main(cfg: LinprobeCfg, *, resume: str | None = None) -> dict:
 
     optimizer = build_probe_optimizer(model, cfg.optim, derived.lr)
     ds = build_ds_config(cfg.train, clip_grad=cfg.optim.clip_grad, world_size=dist.world_size, run_dir=run.dir)
-    engine = create_engine(model, optimizer, probe_ds_config(ds, dist.device))
+    engine = create_engine(model, optimizer, probe_ds_config(ds, dist.device), compile=cfg.train.compile,
+                           compile_backend=cfg.train.compile_backend)
     amp = engine.torch_autocast_enabled()
     criterion = nn.CrossEntropyLoss()
     bn = engine.module.get_submodule(engine.module.pretrained_cfg.get("classifier", "head"))[0]

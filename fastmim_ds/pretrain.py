@@ -72,7 +72,8 @@ def main(cfg: PretrainCfg, *, resume: str | None = None) -> dict:
                 sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
     optimizer = build_optimizer(model, cfg.optim, derived)
     engine = create_engine(model, optimizer, build_ds_config(cfg.train, clip_grad=cfg.optim.clip_grad,
-                                                             world_size=dist.world_size, run_dir=run_dir))
+                                                             world_size=dist.world_size, run_dir=run_dir),
+                           compile=cfg.train.compile, compile_backend=cfg.train.compile_backend)
     scheduler = build_scheduler(optimizer, cfg.optim, derived, epochs=cfg.train.epochs)
     stages = cfg.stages()
     current: dict = {"stage": None, "loader": None}
@@ -100,10 +101,11 @@ def main(cfg: PretrainCfg, *, resume: str | None = None) -> dict:
     def end_epoch(epoch: int, stats: dict) -> None:
         img_size = current["stage"].img_size
         signals = quality(engine.module, epoch, img_size) if quality else {}  # every rank (collectives)
-        logger.info("epoch %d/%d | loss %.4f | %.1f img/s | %.0f s%s", epoch + 1, cfg.train.epochs, stats["loss"],
-                    stats["img_per_s"], stats["seconds"], _signals_text(signals))
+        logger.info("epoch %d/%d | loss %.4f | %.1f img/s | %.0f s | waited for data %.1f s (%.1f%%)%s", epoch + 1,
+                    cfg.train.epochs, stats["loss"], stats["img_per_s"], stats["seconds"], stats["data_wait_s"],
+                    100 * stats["data_wait_frac"], _signals_text(signals))
         metrics.write(epoch_end=epoch, train_loss=stats["loss"], img_per_s=stats["img_per_s"], img_size=img_size,
-                      **signals)
+                      data_wait_s=stats["data_wait_s"], data_wait_frac=stats["data_wait_frac"], **signals)
         if vis.due(epoch):  # every rank: ZeRO-3 gathers parameters collectively; rank 0 writes <run>/vis/
             vis(engine.module, epoch, current["stage"].img_size)
 

@@ -256,7 +256,7 @@ def check_pretrain(cfg: PretrainCfg, world_size: int, *, check_files: bool = Tru
 # config sections that fix parameter shapes and what is learned: a resumed run must keep them (except the keys in
 # RESUME_FREE, which change no shape)
 ARCH_KEYS = ("method", "model")
-RESUME_FREE = {"drop_path", "pretrained"}
+RESUME_FREE = {"drop_path", "pretrained", "grad_checkpointing"}
 
 
 def check_resume_compatible(cfg, saved: dict, tag_dir: Path, *, world_size: int | None = None) -> None:

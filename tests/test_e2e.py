@@ -18,11 +18,15 @@ from conftest import REPO, run_deepspeed
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-TINY = ["model.encoder_kwargs={embed_dim: 64, depth: 2, num_heads: 2}", "model.decoder_dim: 64"]
+# the shared 2-rank run: 8-px patches (an 8x8 token grid at 64 px) and the norm-pix target, the demo's settings, so
+# its reconstruction skill must beat the mean predictor within the 28 steps
+SHARED = ["model.encoder_kwargs={embed_dim: 64, depth: 2, num_heads: 2, patch_size: 8}", "model.decoder_dim: 64",
+          "model.target: pixel"]
 
 
 def _sets(items: list[str]) -> list[str]:
-    return [a for s in items for a in ("--set", s.replace(": ", "="))]
+    # "section.key: value" -> "section.key=value" (only the first separator: a YAML mapping value keeps its ": ")
+    return [a for s in items for a in ("--set", s if "=" in s else s.replace(": ", "=", 1))]
 
 
 def _rows(run: Path) -> list[dict]:
@@ -35,10 +39,10 @@ def _check(proc) -> None:
 
 
 def _pretrain_args(beton: Path, out: Path, run: str) -> list[str]:
-    return ["pretrain", *_sets(TINY + [
+    return ["pretrain", *_sets(SHARED + [
         f"data.train={beton}", f"data.val={beton.with_name('val.beton')}", "data.img_size=64", "data.num_workers=1",
         "eval.knn_every=2", "eval.skill_images=32", "eval.skill_mean_images=64", "eval.batch_size=64",
-        "optim.blr=2e-3", "optim.warmup_epochs=1", "train.epochs=4", "train.micro_batch=16", "train.log_every=1",
+        "optim.blr=8e-3", "optim.warmup_epochs=1", "train.epochs=4", "train.micro_batch=16", "train.log_every=1",
         "train.ckpt_every=2", "train.ckpt_every_steps=3", "train.keep_last=2", f"train.output_dir={out}",
         f"train.run_name={run}", "train.ds_config=ds_configs/zero2_fp32.json",
     ])]
@@ -57,7 +61,9 @@ def test_pretrain_two_ranks_loss_decreases(pretrain_run):
     epochs = [r for r in rows if "epoch_end" in r]
     assert [r["epoch_end"] for r in epochs] == [0, 1, 2, 3]
     assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in steps)  # finite, positive
-    assert epochs[-1]["train_loss"] < 0.8 * epochs[0]["train_loss"], [r["train_loss"] for r in epochs]
+    # the decoder starts at the mean-predictor level (constant prediction), so the loss falls from there, not from
+    # the ~30x larger loss of a xavier-initialised prediction layer
+    assert epochs[-1]["train_loss"] < 0.93 * epochs[0]["train_loss"], [r["train_loss"] for r in epochs]
     # 240 images / (16 per rank x 2 ranks) = 7 optimizer steps per epoch, logged every step, lr warmup from 0
     assert [r["step"] for r in steps] == list(range(1, 29))
     assert steps[0]["lr"] < steps[6]["lr"]
@@ -69,6 +75,7 @@ def test_pretrain_two_ranks_loss_decreases(pretrain_run):
     assert "eff_batch: 32" in (pretrain_run / "config.yaml").read_text()
     # quality signals: reconstruction skill every epoch, k-NN every 2nd, the same numbers in the log
     assert all(r["skill_ratio"] > 0 and r["skill_mean_mse"] > 0 for r in epochs)
+    assert epochs[-1]["skill_ratio"] < 1.0, [r["skill_ratio"] for r in epochs]  # better than the average target
     assert [r["epoch_end"] for r in epochs if "knn_top1" in r] == [1, 3]
     knn = [r for r in epochs if "knn_top1" in r][-1]
     assert 0 <= knn["knn_top1"] <= 100 and knn["knn_bank"] == 240 and knn["knn_queries"] == 80

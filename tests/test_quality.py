@@ -152,3 +152,17 @@ def test_untrained_decoder_starts_near_the_mean_predictor(target, small_beton):
     # and it learns from the first step: the zero weight gets a gradient
     model(images)["loss"].backward()
     assert model.decoder.pred.weight.grad.abs().sum() > 0
+
+
+def test_skill_summary_reads_the_last_measured_epoch(tmp_path):
+    from fastmim_ds.quality import skill_summary
+
+    rows = [{"step": 1, "loss": 1.0},
+            {"epoch_end": 0, "skill_mse": 0.06, "skill_mean_mse": 0.05, "skill_ratio": 1.2},
+            {"epoch_end": 1, "skill_mse": 0.04, "skill_mean_mse": 0.05, "skill_ratio": 0.8}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    line = skill_summary(tmp_path)
+    assert "after epoch 2" in line and "ratio 0.800: better than" in line
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(ValueError, match="no reconstruction skill"):
+        skill_summary(tmp_path)

@@ -13,8 +13,8 @@ from .mim import FastMIM, TokenDecoder, _init_xavier
 from .mixmim import MixMIM, MixMIMAdapter, MixMIMTransformer, build_mixmim
 
 __all__ = [
-    "METHODS", "create_mim_model", "initial_mim_model", "adapter_for", "ADAPTERS", "FastMIM", "TokenDecoder", "MixMIM",
-    "MixMIMTransformer",
+    "METHODS", "create_mim_model", "initial_mim_model", "set_grad_checkpointing", "adapter_for", "ADAPTERS", "FastMIM",
+    "TokenDecoder", "MixMIM", "MixMIMTransformer",
 ]
 
 # MixMIM backbones are registered in timm by importing .mixmim (timm module name "mixmim")
@@ -64,7 +64,22 @@ def create_mim_model(method: str, model: MIMModelCfg, mask: MaskCfg, img_size: i
     """
     if method not in METHODS:
         raise ValueError(f"unknown method '{method}' (choices: {', '.join(METHODS)})")
-    return METHODS[method](model, mask, img_size)
+    mim = METHODS[method](model, mask, img_size)
+    if model.grad_checkpointing:
+        set_grad_checkpointing(mim.encoder)
+    return mim
+
+
+def set_grad_checkpointing(module: nn.Module, enable: bool = True) -> None:
+    """Activation checkpointing of a timm backbone's blocks (ViT, Swin, PVTv2, MixMIM): timm's own switch.
+
+    Raises:
+        ValueError: the model has no ``set_grad_checkpointing``.
+    """
+    if not hasattr(module, "set_grad_checkpointing"):
+        raise ValueError(f"{type(module).__name__} has no set_grad_checkpointing: model.grad_checkpointing is not "
+                         "supported for it")
+    module.set_grad_checkpointing(enable)
 
 
 def initial_mim_model(config: str | Path) -> tuple[nn.Module, PretrainCfg]:

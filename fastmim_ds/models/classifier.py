@@ -81,6 +81,8 @@ def create_classifier(cfg: ClassifierCfg, *, num_classes: int, img_size: int) ->
             logger.warning("not pre-trained (random init): %s", ", ".join(report.missing))
         if report.unexpected:
             logger.warning("pre-trained weights not used: %s", ", ".join(report.unexpected))
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     head_mod = model.get_classifier()
     if isinstance(head_mod, nn.Linear):
         trunc_normal_(head_mod.weight, std=2e-5)

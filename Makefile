@@ -33,6 +33,9 @@ OUT        ?= data/$(notdir $(patsubst %/,%,$(SRC)))
 MAX_RES    ?= 256
 JPEG_QUALITY ?= 90
 WRITE_MODE ?= jpg
+WORKERS    ?= -1
+# extra `fastmim-ds prepare` flags: --unlabeled, --val-fraction F, --val-labels FILE, --image-column C, --label-column C
+PREP_ARGS  ?=
 # `make demo` runs on a generated dataset unless DATA points at an ImageFolder (train/ and val/ inside).
 DATA       ?=
 
@@ -67,13 +70,13 @@ lint:
 demo:  ## whole chain (convert -> pre-train -> fine-tune) on 2 CPU/GPU ranks; DATA=/imagefolder for real images
 	VERBOSE="$(filter-out 0,$(VERBOSE))" bash data_prep/demo.sh "$(DATA)" "$(NUM_GPUS)"
 
-prepare-imagenet:  ## IMAGENET=/path/to/ILSVRC (with train/ and val/ class folders) -> data/imagenet/{train,val}.beton
-	@test -n "$(IMAGENET)" || { echo "error: set IMAGENET=/path/to/imagenet (folder with train/ and val/)"; exit 2; }
-	$(CLI) prepare --src $(IMAGENET) --out $(if $(filter data/,$(OUT)),data/imagenet,$(OUT)) --max-res $(MAX_RES) --jpeg-quality $(JPEG_QUALITY) --write-mode $(WRITE_MODE)
+prepare-imagenet:  ## IMAGENET=folder: official tars + devkit, Kaggle layout, train/val class folders, flat val + labels, HF shards -> data/imagenet/
+	@test -n "$(IMAGENET)" || { echo "error: set IMAGENET=/path/to/imagenet (the ILSVRC2012 tars + devkit, Kaggle's ILSVRC/ + LOC_val_solution.csv, train/ + val/, or Hugging Face shards)"; exit 2; }
+	$(CLI) prepare --src $(IMAGENET) --out $(if $(filter data/,$(OUT)),data/imagenet,$(OUT)) --max-res $(MAX_RES) --jpeg-quality $(JPEG_QUALITY) --write-mode $(WRITE_MODE) --workers $(WORKERS) $(PREP_ARGS)
 
-prepare-data:  ## SRC=/any/imagefolder OUT=data/name -> OUT/{train,val}.beton
-	@test -n "$(SRC)" || { echo "error: set SRC=/path/to/imagefolder (folder with train/ and val/)"; exit 2; }
-	$(CLI) prepare --src $(SRC) --out $(OUT) --max-res $(MAX_RES) --jpeg-quality $(JPEG_QUALITY) --write-mode $(WRITE_MODE)
+prepare-data:  ## SRC=/any/images OUT=data/name [PREP_ARGS=--unlabeled] -> OUT/{train,val}.beton (layout detected)
+	@test -n "$(SRC)" || { echo "error: set SRC=/path/to/images (ImageFolder, a folder of unlabeled images, a Hugging Face dataset, ...)"; exit 2; }
+	$(CLI) prepare --src $(SRC) --out $(OUT) --max-res $(MAX_RES) --jpeg-quality $(JPEG_QUALITY) --write-mode $(WRITE_MODE) --workers $(WORKERS) $(PREP_ARGS)
 
 pretrain:  ## CONFIG=configs/....yaml SET="k=v ..." NUM_GPUS=8 [HOSTFILE=hosts] [RESUME=auto]
 	$(CLI) check pretrain --config $(CONFIG) $(OVERRIDES) --world-size $(NUM_GPUS) $(if $(HOSTFILE),--hostfile $(HOSTFILE))

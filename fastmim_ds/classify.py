@@ -24,7 +24,7 @@ from .metrics import MetricsWriter
 from .models.classifier import LoadReport
 from .runtime import Dist, Preemption, git_sha, init_distributed, make_run_dir, seed_everything, setup_logging
 from .trackers import build_trackers
-from .validate import check_resume_compatible, read_classes
+from .validate import check_resume_compatible, read_class_names, read_classes
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,8 @@ def train_and_evaluate(
                      cfg.train.epochs, stats["loss"], stats["img_per_s"], stats["data_wait_s"],
                      100 * stats["data_wait_frac"])
 
-    client = {"config": to_dict(cfg), "classes": run.classes, "git_sha": git_sha(), **(client_extra or {}),
+    client = {"config": to_dict(cfg), "classes": run.classes, "class_names": read_class_names(cfg.data.train),
+              "git_sha": git_sha(), **(client_extra or {}),
               "pretrain_config": run.report.pretrain_config, "model_name": run.name, "num_classes": run.num_classes}
     try:
         stats = fit(

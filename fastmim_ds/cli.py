@@ -63,16 +63,20 @@ def _int_in(lo: int, hi: int | None):
 
 def _prepare(args: argparse.Namespace) -> int:
     """``fastmim-ds prepare``: converts, prints one summary line per split; returns the exit status."""
-    from .data.convert import ConversionError, convert_image_folder
+    from .data.convert import ConversionError, convert_source
+    from .data.sources import detect_source
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        reports = convert_image_folder(args.src, args.out, max_res=args.max_res, jpeg_quality=args.jpeg_quality,
-                                       write_mode=args.write_mode, num_workers=args.workers)
+        source = detect_source(args.src, unlabeled=args.unlabeled, val_fraction=args.val_fraction, seed=args.seed,
+                               image_column=args.image_column, label_column=args.label_column,
+                               val_labels=args.val_labels)
+        reports = convert_source(source, args.out, max_res=args.max_res, jpeg_quality=args.jpeg_quality,
+                                 write_mode=args.write_mode, num_workers=args.workers)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    except ValueError as e:  # e.g. train/ and val/ with different class folders
+    except (ValueError, FileNotFoundError) as e:  # e.g. train/ and val/ with different class folders
         print(f"error: {e}", file=sys.stderr)
         return 2
     for r in reports:
@@ -87,9 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare", help="convert an ImageFolder (train/, val/) into FFCV .beton files",
+    p = sub.add_parser("prepare", help="convert images (ImageFolder, unlabeled folder, ImageNet tars or Kaggle layout, "
+                       "Hugging Face dataset) into FFCV .beton files",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=PREPARE_EXIT_STATUS)
-    p.add_argument("--src", required=True, help="folder with train/<class>/* and val/<class>/*")
+    p.add_argument("--src", required=True, help="train/<class>/* + val/<class>/*; a folder of images at any depth "
+                   "(unlabeled); the ILSVRC2012 tars + devkit; Kaggle's ILSVRC/ + LOC_val_solution.csv; train/<class>/ "
+                   "+ a flat val/ with a labels file; a datasets save_to_disk folder or parquet/arrow shards")
+    p.add_argument("--unlabeled", action="store_true", help="ignore any classes: every image at any depth, label 0 "
+                   "(pre-training only); a folder with no class layout is detected as unlabeled anyway")
+    p.add_argument("--val-fraction", type=float, default=0.02,
+                   help="share of the images drawn as val (seeded) when the source has no val split")
+    p.add_argument("--seed", type=_int_in(0, None), default=0, help="seed of the --val-fraction draw")
+    p.add_argument("--val-labels", default=None, help="labels file of a flat val/ folder ('<file>,<class>' lines)")
+    p.add_argument("--image-column", default="image", help="Hugging Face datasets: the image column")
+    p.add_argument("--label-column", default="label", help="Hugging Face datasets: the label column")
     p.add_argument("--out", required=True, help="output folder for train.beton, val.beton, classes.json")
     p.add_argument("--max-res", type=_int_in(0, None), default=256, help="longest stored side in px (0 = keep)")
     p.add_argument("--jpeg-quality", type=_int_in(1, 100), default=90)
@@ -222,7 +237,8 @@ def _predict(args: argparse.Namespace) -> int:
     predictor = Predictor.load(args.weights)
     for image in args.images:
         top = predictor.predict(image, topk=args.topk)
-        print(f"{image}\t" + "\t".join(f"{p.index}:{p.name}:{p.score:.4f}" for p in top))
+        print(f"{image}\t" + "\t".join(f"{p.index}:{p.name}:{p.score:.4f}" + (f" ({p.description})" if p.description
+                                                                                   else "") for p in top))
     return 0
 
 

@@ -79,6 +79,8 @@ class CheckpointModel:
         data_config: preprocessing of the run: ``input_size`` (3, H, W), ``mean``/``std`` (ImageNet, on [0, 1]
             pixels), ``crop_pct`` (centre crop / shorter side), ``interpolation``.
         label_names: class names by output index (classifiers; ``[]`` otherwise).
+        label_descriptions: human-readable name per class (ImageNet devkit, synset mapping, ``ClassLabel``), ``""``
+            where unknown; ``[]`` when the dataset gave none.
         source: the checkpoint tag folder.
         notes: facts a user of the export should know (e.g. a truncated encoder).
     """
@@ -89,6 +91,7 @@ class CheckpointModel:
     state: dict[str, torch.Tensor]
     data_config: dict
     label_names: list[str] = field(default_factory=list)
+    label_descriptions: list[str] = field(default_factory=list)
     source: str = ""
     notes: list[str] = field(default_factory=list)
 
@@ -191,7 +194,7 @@ def read_checkpoint_model(path: str | Path) -> CheckpointModel:
         state = load_module_state(tag_dir, "")
         data = {"input_size": (3, img, img), "crop_pct": cfg["data"].get("val_crop_ratio", 0.875), **mean_std}
         return CheckpointModel("classifier", name, args, state, data, label_names=list(client.get("classes", [])),
-                               source=str(tag_dir))
+                               label_descriptions=list(client.get("class_names", [])), source=str(tag_dir))
     raise ValueError(f"{tag_dir}: not a fastmim-ds pre-training, fine-tuning or linear-probe checkpoint "
                      "(its client state has no config.method and no num_classes)")
 
@@ -230,6 +233,8 @@ def _timm_config(model: nn.Module, cm: CheckpointModel) -> dict:
     extra = {"fastmim_ds": {"kind": cm.kind, "source": cm.source, "notes": cm.notes}}
     if cm.label_names:
         extra["label_names"] = list(cm.label_names)
+    if cm.label_descriptions:
+        extra["label_descriptions"] = list(cm.label_descriptions)  # timm's pretrained_cfg key for readable names
     with tempfile.TemporaryDirectory() as tmp:
         save_config_for_hf(model, Path(tmp) / "config.json", model_config=extra, model_args=dict(cm.model_args),
                            data_config=dict(cm.data_config))

@@ -113,8 +113,10 @@ def check_linprobe(cfg: LinprobeCfg, world_size: int, *, check_files: bool = Tru
     Raises:
         ConfigError: one line naming the key and the fix.
     """
-    from .validate import check_classifier_kwargs, check_common, read_classes
+    from .validate import check_classifier_kwargs, check_common, check_labeled, read_classes
 
+    if check_files:
+        check_labeled(cfg.data, "the linear probe")
     if not cfg.model.pretrained:
         raise ConfigError("model.pretrained: a linear probe needs pre-trained weights (--pretrained <run>)")
     if not Path(cfg.model.pretrained).is_file():

@@ -19,6 +19,7 @@ from .ds_engine import load_ds_config
 from .trackers import check_tracker_packages
 
 __all__ = ["check_pretrain", "check_finetune", "check_common", "check_resume_compatible", "read_classes",
+           "read_class_names", "read_dataset_meta", "check_labeled",
            "check_model_kwargs", "check_classifier_kwargs"]
 
 
@@ -211,6 +212,9 @@ def _check_eval(cfg: PretrainCfg, *, check_files: bool) -> None:
             raise ConfigError(f"eval.{key} must be >= 1, got {getattr(ev, key)}")
     if ev.knn_temperature <= 0:
         raise ConfigError(f"eval.knn_temperature must be > 0, got {ev.knn_temperature}")
+    if check_files and ev.knn_every and read_dataset_meta(cfg.data.train).get("unlabeled"):
+        raise ConfigError(f"eval.knn_every: k-NN accuracy needs labels, and {cfg.data.train} is unlabeled; "
+                          "set eval.knn_every=0")
     if check_files and ev.knn_every and not Path(cfg.data.val).is_file():
         raise ConfigError(f"eval.knn_every: the k-NN queries come from data.val, and {cfg.data.val} is not found; "
                           "set data.val or eval.knn_every=0")
@@ -283,12 +287,35 @@ def check_resume_compatible(cfg, saved: dict, tag_dir: Path, *, world_size: int 
         raise ConfigError(f"{section}: the checkpoint {tag_dir} was trained with {a!r}, the config says {b!r}")
 
 
-def read_classes(beton: str) -> list[str]:
-    """Class names stored by the converter in ``classes.json`` next to the .beton ([] if absent)."""
+def read_dataset_meta(beton: str) -> dict:
+    """The converter's ``classes.json`` next to the .beton (``{}`` if absent)."""
     meta = Path(beton).with_name("classes.json")
-    if not meta.is_file():
-        return []
-    return json.loads(meta.read_text())["classes"]
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
+def read_classes(beton: str) -> list[str]:
+    """Class names stored by the converter in ``classes.json`` next to the .beton ([] if absent or unlabeled)."""
+    return list(read_dataset_meta(beton).get("classes", []))
+
+
+def read_class_names(beton: str) -> list[str]:
+    """Human-readable class names (ImageNet devkit / synset mapping / ClassLabel), parallel to
+    :func:`read_classes`; ``[]`` when the source gave none."""
+    return list(read_dataset_meta(beton).get("names", []))
+
+
+def check_labeled(data, command: str) -> None:
+    """Refuses an unlabeled dataset (``prepare`` of a folder without classes) for a command that needs labels.
+
+    Raises:
+        ConfigError: one line naming the key, the file and what to do.
+    """
+    for key in ("train", "val"):
+        beton = getattr(data, key)
+        if read_dataset_meta(beton).get("unlabeled"):
+            raise ConfigError(f"data.{key}: {beton} is unlabeled (prepared from images without classes); {command} "
+                              "needs labels: prepare a labeled set (train/<class>/, val/<class>/) for it, and use "
+                              "this one for pre-training")
 
 
 def check_finetune(cfg: FinetuneCfg, world_size: int, *, check_files: bool = True) -> Resolved:
@@ -299,6 +326,8 @@ def check_finetune(cfg: FinetuneCfg, world_size: int, *, check_files: bool = Tru
     """
     from .checkpoint import resolve_tag_dir
 
+    if check_files:
+        check_labeled(cfg.data, "fine-tuning")
     if cfg.model.pretrained:
         p = Path(cfg.model.pretrained)
         if not p.is_file():

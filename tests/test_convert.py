@@ -281,13 +281,15 @@ def test_prepare_cli_exit_status_and_summary(imagenette_subset, tmp_path, capsys
 
     assert cli_main(args) == 1  # converted, one file skipped
     lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith(f"found {src}: imagefolder layout, 2 classes")  # the layout found, then the summary
+    lines = lines[1:]
     assert lines[0] == f"train: 4 written, 1 skipped -> {out / 'train.beton'} (skipped: {out / 'train_skipped.tsv'})"
     assert lines[1] == f"val: 2 written, 0 skipped -> {out / 'val.beton'} (skipped: {out / 'val_skipped.tsv'})"
     assert _read_tsv(out / "train_skipped.tsv")[1][0].endswith("empty.JPEG")
 
     (src / "train" / CLASSES[0] / "empty.JPEG").unlink()
     assert cli_main(args) == 0
-    assert capsys.readouterr().out.startswith("train: 4 written, 0 skipped")
+    assert capsys.readouterr().out.splitlines()[1].startswith("train: 4 written, 0 skipped")
     assert _read_tsv(out / "train_skipped.tsv") == [["path", "reason"]]  # the stale report was replaced
 
     for bad in (["--jpeg-quality", "0"], ["--max-res", "-1"], ["--write-mode", "png"], ["--workers", "two"]):

@@ -20,10 +20,15 @@ The beton is written to ``<split>.beton.partial`` and renamed only once verified
 never leaves a half-written file under the final name; re-running removes a stale ``.partial`` and starts that split
 over. ``classes.json`` beside the betons holds the class names (folder names, sorted) and the verified per-split
 counts; fine-tuning reads ``num_classes`` from it and the inference API its labels.
+
+Other layouts (unlabeled folders, the ImageNet tars, Kaggle's layout, Hugging Face datasets) are listed by
+:mod:`fastmim_ds.data.sources` and written by :func:`convert_source` through the same passes
+(:func:`convert_samples`): a sample is a file path or a reference whose ``read()`` gives the encoded bytes.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -42,7 +47,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "IMG_EXTENSIONS", "ConversionError", "SplitReport", "UnusableImage", "check_split_classes", "class_folders",
-    "convert_image_folder", "convert_split", "load_rgb", "probe_image", "read_beton_image", "scan_image_folder",
+    "UNLABELED", "convert_image_folder", "convert_samples", "convert_source", "convert_split", "load_rgb", "open_ref",
+    "probe_image", "read_beton_image", "ref_name", "scan_image_folder",
     "verify_beton",
 ]
 
@@ -157,11 +163,34 @@ def _stored_size(size: tuple[int, int], max_res: int) -> tuple[int, int]:
     return max(1, round(w * s)), max(1, round(h * s))
 
 
-def probe_image(path: str, max_res: int) -> tuple[int, int]:
+def _nbytes(f) -> int:
+    """Size in bytes of a file path or a seekable binary file object."""
+    if isinstance(f, (str, os.PathLike)):
+        return os.path.getsize(f)
+    pos = f.tell()
+    n = f.seek(0, os.SEEK_END)
+    f.seek(pos)
+    return n
+
+
+def open_ref(ref):
+    """What PIL opens for a sample reference: a file path as it is, anything else (an image inside a tar or a parquet
+    shard, :mod:`fastmim_ds.data.sources`) as an in-memory file of its encoded bytes."""
+    if isinstance(ref, (str, os.PathLike)):
+        return ref
+    return io.BytesIO(ref.read())
+
+
+def ref_name(ref) -> str:
+    """How a sample reference is named in the skip report and in messages."""
+    return ref if isinstance(ref, str) else getattr(ref, "name", str(ref))
+
+
+def probe_image(path, max_res: int) -> tuple[int, int]:
     """Checks what can be checked from the file header alone (no pixel decoding).
 
     Args:
-        path: image file.
+        path: image file (path, or a seekable binary file object).
         max_res: longest stored side in px (0: stored at full size).
 
     Returns:
@@ -174,7 +203,7 @@ def probe_image(path: str, max_res: int) -> tuple[int, int]:
         PIL.Image.DecompressionBombWarning / DecompressionBombError: more than ``PIL.Image.MAX_IMAGE_PIXELS`` px.
         OSError: unreadable, or cut off inside the header.
     """
-    if os.path.getsize(path) == 0:
+    if _nbytes(path) == 0:
         raise UnusableImage("empty file (0 bytes)")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -240,9 +269,9 @@ def _skip_reason(e: BaseException) -> str:
     return f"cannot decode ({type(e).__name__}: {msg or 'no message'})"
 
 
-def _probe_or_reason(path: str, max_res: int) -> tuple[int, int] | str:
+def _probe_or_reason(ref, max_res: int) -> tuple[int, int] | str:
     try:
-        return probe_image(path, max_res)
+        return probe_image(open_ref(ref), max_res)
     except Exception as e:  # noqa: BLE001 - any failure is a reason to skip the file, never to stop the conversion
         return _skip_reason(e)
 
@@ -263,9 +292,9 @@ class _DecodeOnceDataset:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-        path, label = self.samples[i]
+        ref, label = self.samples[i]
         try:
-            return load_rgb(path, self.max_side), label
+            return load_rgb(open_ref(ref), self.max_side), label
         except Exception as e:  # noqa: BLE001 - see the class docstring
             with open(self.failure_log, "a") as f:
                 f.write(f"{i}\t{_skip_reason(e)}\n")
@@ -458,15 +487,41 @@ def convert_split(
     if found != classes:
         raise ValueError(f"{src}: class folders differ from the first split's ({len(found)} vs {len(classes)} classes,"
                          f" first difference: {sorted(set(found) ^ set(classes))[:3]})")
+    return convert_samples(src.name, samples, out_file, classes=classes, max_res=max_res, jpeg_quality=jpeg_quality,
+                           write_mode=write_mode, num_workers=num_workers, progress=progress, where=str(src))
+
+
+def convert_samples(
+    split: str, samples: Sequence[tuple[object, int]], out_file: Path, *, classes: list[str], max_res: int,
+    jpeg_quality: int, write_mode: str, num_workers: int, progress: bool = True,
+    skipped: Sequence[tuple[str, str]] = (), where: str | None = None,
+) -> SplitReport:
+    """Converts one split given as ``(reference, label)`` samples into ``out_file`` (.beton): header pass, write
+    pass(es), verification, ``.partial`` renamed only once verified, ``<split>_skipped.tsv`` (the module docstring).
+
+    Args:
+        split: split name (names the skip report ``<split>_skipped.tsv``).
+        samples: ``(ref, label)``; ``ref`` is a file path or an object with ``read() -> bytes`` and ``name`` (an
+            image inside a tar or a parquet shard: :mod:`fastmim_ds.data.sources`); it must pickle.
+        out_file: final ``.beton`` path.
+        classes: class names (label = index); an unlabeled set passes one name, every label 0.
+        skipped: ``(name, reason)`` already known to be unusable (e.g. an unreadable member tar), reported too.
+        where: the source named in messages (default: ``split``).
+        max_res, jpeg_quality, write_mode, num_workers, progress: as in :func:`convert_split`.
+
+    Returns / Raises: as :func:`convert_split`.
+    """
+    out_file, where = Path(out_file), where or split
     workers = num_workers if num_workers > 0 else (os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:  # header reads are I/O-bound; PIL releases the GIL
         probes = list(tqdm(pool.map(lambda s: _probe_or_reason(s[0], max_res), samples), total=len(samples),
-                           desc=f"check {src.name}", disable=not progress, unit="img"))
-    skipped = [(s[0], p) for s, p in zip(samples, probes) if isinstance(p, str)]
+                           desc=f"check {split}", disable=not progress, unit="img"))
+    skipped = list(skipped) + [(ref_name(s[0]), p) for s, p in zip(samples, probes) if isinstance(p, str)]
     good = [(s, p) for s, p in zip(samples, probes) if not isinstance(p, str)]
+    total = len(samples) + len(skipped) - sum(isinstance(p, str) for p in probes)
 
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    skipped_file = out_file.with_name(f"{src.name}_skipped.tsv")
+    skipped_file = out_file.with_name(f"{split}_skipped.tsv")
     partial = out_file.with_name(out_file.name + ".partial")
     partial.unlink(missing_ok=True)  # left by a killed run: never read, always rewritten
     kw = dict(max_res=max_res, jpeg_quality=jpeg_quality, write_mode=write_mode, workers=workers)
@@ -474,17 +529,17 @@ def convert_split(
         for attempt in range(2):
             if not good:
                 _write_skipped(skipped_file, sorted(skipped))
-                raise ConversionError(f"{src}: no convertible image ({len(skipped)} skipped, see {skipped_file})")
+                raise ConversionError(f"{where}: no convertible image ({len(skipped)} skipped, see {skipped_file})")
             failed = _write_beton(partial, [s for s, _ in good], [_stored_size(p, max_res) for _, p in good], **kw)
             if not failed:
                 break
             if attempt == 1:
-                raise ConversionError(f"{src}: {len(failed)} images decoded in the first write pass but not in the "
+                raise ConversionError(f"{where}: {len(failed)} images decoded in the first write pass but not in the "
                                       f"second (did the source change during conversion?), e.g. "
-                                      f"{good[min(failed)][0][0]}: {failed[min(failed)]}")
+                                      f"{ref_name(good[min(failed)][0][0])}: {failed[min(failed)]}")
             logger.warning("%s: %d images failed to decode after a valid header; writing the split again without "
-                           "them", src, len(failed))
-            skipped += [(good[i][0][0], reason) for i, reason in failed.items()]
+                           "them", where, len(failed))
+            skipped += [(ref_name(good[i][0][0]), reason) for i, reason in failed.items()]
             good = [g for i, g in enumerate(good) if i not in failed]
         counts = verify_beton(partial, [label for (_, label), _ in good], num_classes=len(classes), max_res=max_res,
                               sizes=[p for _, p in good], class_names=classes)
@@ -498,12 +553,12 @@ def convert_split(
     for path, reason in skipped:
         logger.info("skipped %s: %s", path, reason)
     if skipped:
-        logger.warning("%s: %d of %d images skipped, listed with reasons in %s", src.name, len(skipped),
-                       len(samples), skipped_file)
+        logger.warning("%s: %d of %d images skipped, listed with reasons in %s", split, len(skipped), total,
+                       skipped_file)
     for c, k in zip(classes, counts):
         if k == 0:
-            logger.warning("%s: class '%s' has no image in %s", src.name, c, out_file)
-    return SplitReport(src.name, len(good), skipped, dict(zip(classes, counts)), out_file, skipped_file)
+            logger.warning("%s: class '%s' has no image in %s", split, c, out_file)
+    return SplitReport(split, len(good), skipped, dict(zip(classes, counts)), out_file, skipped_file)
 
 
 def convert_image_folder(
@@ -555,6 +610,51 @@ def convert_image_folder(
         reports.append(rep)
         # Rewritten after every split so it never describes a beton this run has not (yet) verified.
         meta["splits"][split] = {"images": rep.written, "skipped": len(rep.skipped), "per_class": rep.per_class}
+        tmp = out / "classes.json.partial"
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, out / "classes.json")
+    return reports
+
+
+UNLABELED = "(unlabeled)"  # the one class name an unlabeled set is verified with (every label is 0)
+
+
+def convert_source(
+    source, out: str | Path, *, max_res: int = 256, jpeg_quality: int = 90, write_mode: str = "jpg",
+    num_workers: int = -1, progress: bool = True,
+) -> list[SplitReport]:
+    """Converts a :class:`fastmim_ds.data.sources.Source` (any layout) into ``out/<split>.beton`` + ``classes.json``.
+
+    The same passes, verification and reports as :func:`convert_image_folder`. ``classes.json`` additionally holds
+    ``layout`` (what was found), ``unlabeled`` (true: every label is 0 and ``classes`` is empty; pre-training only)
+    and, where the source names them, ``names``: a human-readable name per class (``""`` where none is known).
+
+    Raises:
+        ValueError: bad ``write_mode``/``max_res``/``jpeg_quality``.
+        ConversionError: a split has no convertible image or its beton failed verification.
+    """
+    out = Path(out)
+    if write_mode not in ("jpg", "raw", "smart", "proportion"):
+        raise ValueError(f"write mode must be one of jpg, raw, smart, proportion; got '{write_mode}'")
+    if max_res < 0 or not 1 <= jpeg_quality <= 100:
+        raise ValueError(f"need max_res >= 0 and 1 <= jpeg_quality <= 100; got {max_res}, {jpeg_quality}")
+    out.mkdir(parents=True, exist_ok=True)
+    verify_classes = [UNLABELED] if source.unlabeled else list(source.classes)
+    meta = {"classes": [] if source.unlabeled else list(source.classes), "unlabeled": bool(source.unlabeled),
+            "layout": source.layout, "source": str(Path(source.root).resolve()), "max_res": max_res,
+            "write_mode": write_mode, "splits": {}}
+    if source.names and any(source.names):
+        meta["names"] = list(source.names)
+    reports = []
+    for split in source.splits:
+        rep = convert_samples(split.name, split.samples, out / f"{split.name}.beton", classes=verify_classes,
+                              max_res=max_res, jpeg_quality=jpeg_quality, write_mode=write_mode,
+                              num_workers=num_workers, progress=progress, skipped=split.skipped, where=split.where)
+        reports.append(rep)
+        entry = {"images": rep.written, "skipped": len(rep.skipped)}
+        if not source.unlabeled:
+            entry["per_class"] = rep.per_class
+        meta["splits"][split.name] = entry
         tmp = out / "classes.json.partial"
         tmp.write_text(json.dumps(meta, indent=1))
         os.replace(tmp, out / "classes.json")

@@ -26,9 +26,8 @@ from benchmarks.common import (
     TINY_VIT,
     add_device_args,
     machine_info,
-    one_rank_group,
     random_images,
-    setup_device,
+    start,
     timed,
     train_step,
     write_result,
@@ -78,11 +77,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="2-block ViT at 64 px: a smoke run")
     parser.add_argument("--out", type=Path, default=None, help="result file (default benchmarks/results/...)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    device, dtype = setup_device(args)
+    device, dtype = start(args)
     cpu = device.type == "cpu"
-    one_rank_group()
-    torch.set_num_threads(args.threads)
     batch, steps = args.batch or (16 if cpu else 128), args.steps or (1 if cpu else 10)
     size = args.img_size or (TINY_VIT["img_size"] if args.tiny else 128)
     resize = args.resize or max(16, size * 3 // 4 // 16 * 16)

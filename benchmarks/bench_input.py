@@ -34,9 +34,8 @@ from benchmarks.common import (
     add_device_args,
     build_engine,
     machine_info,
-    one_rank_group,
     random_images,
-    setup_device,
+    start,
     sync,
     write_result,
 )
@@ -96,11 +95,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="2-block ViT at 64 px: a smoke run")
     parser.add_argument("--out", type=Path, default=None, help="result file (default benchmarks/results/...)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    device, dtype = setup_device(args)
+    device, dtype = start(args)
     cpu = device.type == "cpu"
-    one_rank_group()
-    torch.set_num_threads(args.threads)
     batch = args.batch or (16 if cpu else 128)
     steps = args.steps or (6 if cpu else 50)
     threads = args.loader_threads or [os.cpu_count() or 1]

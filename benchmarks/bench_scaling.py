@@ -23,9 +23,8 @@ from benchmarks.common import (
     build_engine,
     count_flops,
     machine_info,
-    one_rank_group,
     random_images,
-    setup_device,
+    start,
     timed,
     train_step,
     write_result,
@@ -60,11 +59,8 @@ def main() -> None:
                         help="batch sweep at 128 px (cpu 2 4 8 16 32, cuda 32 64 128 256 512)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per point per sweep (cpu 1, cuda 5)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    device, dtype = setup_device(args)
+    device, dtype = start(args)
     cpu = device.type == "cpu"
-    one_rank_group()
-    torch.set_num_threads(args.threads)
     info = machine_info(device)
     t0 = time.perf_counter()
     size_batch = args.size_batch or (8 if cpu else 256)

@@ -11,6 +11,7 @@ import argparse
 import datetime
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import statistics
@@ -135,6 +136,16 @@ def count_flops(fn: Callable[[], object]) -> tuple[int, dict[str, int]]:
         fn()
     by_op = {str(k): int(v) for k, v in counter.get_flop_counts()["Global"].items()}
     return counter.get_total_flops(), by_op
+
+
+def start(args: argparse.Namespace) -> tuple[torch.device, str]:
+    """The usual start of an in-process benchmark: INFO logging, the device flags (:func:`setup_device`) and a 1-rank
+    process group, with ``--threads`` restored after it (``init_distributed`` sets torch's threads per rank)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    device, dtype = setup_device(args)
+    one_rank_group()
+    torch.set_num_threads(args.threads)
+    return device, dtype
 
 
 def one_rank_group() -> None:

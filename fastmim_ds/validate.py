@@ -56,10 +56,10 @@ def check_common(data, optim, train, world_size: int, *, need_val: bool) -> Reso
         raise ConfigError(f"data.labels_per_class must be >= 0, got {data.labels_per_class}")
     load_ds_config(train.ds_config)
     check_tracker_packages(train)
-    n = _num_images(data.train)
-    if data.labels_fraction < 1 or data.labels_per_class:
-        from .data.loaders import labeled_subset
+    from .data.loaders import dataset_size, labeled_subset  # importing ffcv is slow: only when files are checked
 
+    n = dataset_size(data.train)
+    if data.labels_fraction < 1 or data.labels_per_class:
         n = len(labeled_subset(data.train, fraction=data.labels_fraction, per_class=data.labels_per_class,
                                seed=data.labels_seed))
     per_update = train.micro_batch * train.grad_accum * world_size
@@ -67,14 +67,6 @@ def check_common(data, optim, train, world_size: int, *, need_val: bool) -> Reso
         raise ConfigError(f"train.micro_batch: {train.micro_batch} x {train.grad_accum} accumulation x {world_size} "
                           f"ranks = {per_update} images per step, but {data.train} holds {n}; lower it")
     return derived
-
-
-def _num_images(beton: str) -> int:
-    threads = torch.get_num_threads()
-    from ffcv.reader import Reader  # importing ffcv sets torch's thread count to 1
-
-    torch.set_num_threads(threads)
-    return int(Reader(str(beton)).num_samples)
 
 
 def _model_key(e: Exception) -> str:

@@ -37,19 +37,17 @@ def main() -> None:
     ev = PretrainEvalCfg(skill_every=1, knn_every=int(args.knn), knn_bank_images=args.bank_images)
     mon = QualityMonitor(ev, train=cfg.data.train, val=args.val, num_classes=len(read_classes(cfg.data.train)),
                          rank=0, world_size=1, device=torch.device("cpu"), num_workers=2)
-    points = [("init", -1, init)]
+    points = [("init", 0, init)]
     for tag in complete_tags(Path(args.run) / CKPT_SUBDIR):
-        epoch = read_client_state(tag)["epoch"] - 1  # the loop state names the next epoch
-        points.append((tag.name, epoch, load_mim_model(tag)[0]))
-    done = set()
+        done = read_client_state(tag)["epoch"]  # the loop state names the next epoch: the number of epochs done
+        points.append((tag.name, done, load_mim_model(tag)[0]))
     out = Path(args.out)
-    if out.is_file():
-        done = {json.loads(line)["tag"] for line in out.read_text().splitlines()}
-    for tag, epoch, model in points:
-        if tag in done:
+    measured = {json.loads(line)["tag"] for line in out.read_text().splitlines()} if out.is_file() else set()
+    for tag, epochs_done, model in points:
+        if tag in measured:
             continue
         t0 = time.time()
-        row = {"tag": tag, "epochs_done": epoch + 1, **mon(model, 0, cfg.data.img_size)}
+        row = {"tag": tag, "epochs_done": epochs_done, **mon(model, 0, cfg.data.img_size)}
         row["seconds"] = round(time.time() - t0, 1)
         print(json.dumps(row), flush=True)
         with open(out, "a") as f:

@@ -1,4 +1,4 @@
-"""DeepSpeed checkpoints: atomic save, exact resume, and reading a pre-trained encoder back as fp32 weights.
+"""DeepSpeed checkpoints: atomic save, exact resume, finding and reading tags (weights: :mod:`fastmim_ds.weights`).
 
 Layout of a run: ``<run>/ckpt/<tag>/`` with ``tag = step%08d`` (optimizer steps done), written by
 ``engine.save_checkpoint`` on every rank (model states, ZeRO optimizer shards, ``client_state`` = progress,
@@ -24,13 +24,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .runtime import stdout_to_log
-
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "save", "find_resume", "load", "complete_tags", "read_client_state", "resolve_tag_dir", "load_pretrained_encoder",
-    "model_states_file", "read_module_state", "CKPT_SUBDIR", "COMPLETE",
+    "save", "find_resume", "load", "complete_tags", "read_client_state", "resolve_tag_dir", "model_states_file",
+    "CKPT_SUBDIR", "COMPLETE",
 ]
 
 CKPT_SUBDIR = "ckpt"
@@ -43,12 +41,6 @@ UNIVERSAL_VERSION = 0.2  # deepspeed.checkpoint universal_checkpoint_version for
 def model_states_file(tag_dir: Path) -> Path | None:
     """The module/client-state file of a DeepSpeed tag folder (ZeRO 0-2, or rank 0's under ZeRO-3); None if absent."""
     return next((Path(tag_dir) / n for n in MODEL_STATES if (Path(tag_dir) / n).is_file()), None)
-
-
-def read_module_state(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """The module weights DeepSpeed stored in a tag's model-states file (complete for ZeRO-0 tags, whose weights live
-    there rather than in optimizer shards)."""
-    return torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=False)["module"]
 
 
 def _step_of(tag_dir: Path) -> int:
@@ -216,51 +208,3 @@ def resolve_tag_dir(path: Path) -> Path:
         if done:
             return done[-1]
     raise FileNotFoundError(f"{path}: no complete checkpoint found (expected a run folder, <run>/ckpt or a tag folder)")
-
-
-def load_pretrained_encoder(path: str | Path, prefix: str = "encoder.") -> tuple[dict[str, torch.Tensor], dict]:
-    """Reads the fp32 encoder weights of a pre-training run.
-
-    Args:
-        path: run folder, ``<run>/ckpt``, a tag folder, a ``.pth``/``.safetensors`` state dict (keys with or
-            without ``prefix``), or a pre-training YAML config: its model as the run would start (untrained, seeded
-            with ``train.seed``), the baseline that shows what pre-training added.
-        prefix: module prefix of the encoder inside the MIM model.
-
-    Returns:
-        (state dict with ``prefix`` stripped, pre-training config dict or {} for plain files).
-
-    Raises:
-        FileNotFoundError: nothing loadable at ``path``.
-    """
-    path = Path(path)
-    if path.is_file() and path.suffix in (".yaml", ".yml"):  # the untrained baseline: the run's initialisation
-        from .config import to_dict
-        from .models import initial_mim_model
-
-        model, pre_cfg = initial_mim_model(path)
-        state, cfg = model.state_dict(), to_dict(pre_cfg)
-    elif path.is_file():
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state, cfg = load_file(str(path)), {}
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-            state = obj.get("model", obj.get("module", obj)) if isinstance(obj, dict) else obj
-            cfg = obj.get("config", {}) if isinstance(obj, dict) else {}
-    else:
-        tag_dir = resolve_tag_dir(path)
-        cfg = read_client_state(tag_dir).get("config", {})
-        try:  # fp32 master weights, consolidated from the ZeRO shards
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            with stdout_to_log(logger, stderr=True):  # "Reconstructed fp32 state dict ...", progress bars, per rank
-                state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-        except (ValueError, FileNotFoundError, KeyError, AssertionError, TypeError) as e:  # ZeRO-0: in the module
-            logger.info("no ZeRO shards in %s (%s); reading module weights", tag_dir, e)
-            state = read_module_state(tag_dir)
-    has_prefix = any(k.startswith(prefix) for k in state)
-    enc = {k[len(prefix):] if has_prefix else k: v.float() for k, v in state.items()
-           if k.startswith(prefix) or not has_prefix}
-    return enc, cfg

@@ -17,7 +17,7 @@ from typing import Callable
 import torch.nn as nn
 
 from .checkpoint import CKPT_SUBDIR, find_resume, load, read_client_state
-from .config import ClassifierCfg, FinetuneCfg, LinprobeCfg, Resolved, dump_yaml, to_dict
+from .config import FinetuneCfg, LinprobeCfg, Resolved, dump_yaml, to_dict
 from .data.loaders import build_train_loader, build_val_loader, labeled_subset
 from .engine import LoopState, StepFn, fit
 from .metrics import MetricsWriter
@@ -25,6 +25,7 @@ from .models.classifier import LoadReport
 from .runtime import Dist, Preemption, git_sha, init_distributed, make_run_dir, seed_everything, setup_logging
 from .trackers import build_trackers
 from .validate import check_resume_compatible, read_class_names, read_classes
+from .weights import classifier_arch
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def start_run(
     num_classes = cfg.model.num_classes or len(classes)
     seed_everything(cfg.train.seed + dist.rank)
     model, report = create_model(cfg.model, num_classes=num_classes, img_size=cfg.data.img_size)
-    name = _encoder_name(cfg.model, report)
+    name = classifier_arch({"name": cfg.model.name}, report.pretrain_config)[0]
     run_dir = make_run_dir(cfg.train.output_dir, cfg.train.run_name, f"{task}-{name}-{cfg.data.img_size}",
                            resume=resume)
     if dist.is_main:
@@ -85,10 +86,6 @@ def start_run(
     setup_logging(dist.rank, run_dir / "log.txt" if dist.is_main else None)
     return ClassifierRun(dist=dist, derived=derived, classes=classes, num_classes=num_classes, model=model,
                          report=report, name=name, dir=run_dir)
-
-
-def _encoder_name(model: ClassifierCfg, report: LoadReport) -> str:
-    return model.name or report.pretrain_config.get("model", {}).get("encoder", "")  # create_classifier's rule
 
 
 def train_and_evaluate(

@@ -2,7 +2,7 @@
 
 ``fastmim-ds export CKPT --out model.safetensors`` reads a DeepSpeed checkpoint (run folder, ``<run>/ckpt`` or a tag
 folder), consolidates the fp32 weights from the ZeRO shards (DeepSpeed ``get_fp32_state_dict_from_zero_checkpoint``,
-via :func:`fastmim_ds.checkpoint.load_pretrained_encoder`), loads them *strictly* into ``timm.create_model(name,
+via :func:`fastmim_ds.weights.load_module_state`), loads them *strictly* into ``timm.create_model(name,
 **model_args)`` (so every tensor has its timm name and nothing is missing), and writes that model's ``state_dict``
 with safetensors. The file's metadata holds timm's own export config (``timm.models.save_config_for_hf``: the
 architecture, the ``model_args`` that rebuild it, and a ``pretrained_cfg`` with input size, mean/std, crop, and the
@@ -19,8 +19,7 @@ What is exported:
 * a **linear-probe run**: the classifier with the probe's BatchNorm (no affine, eval statistics) folded into the
   linear head, so the file loads into the plain timm classifier.
 
-Loading with plain timm (``import fastmim_ds.models`` first for the ``mixmim_*`` models, which this package
-registers)::
+Loading with plain timm (``import fastmim_ds`` first for the ``mixmim_*`` models, which this package registers)::
 
     cfg = fastmim_ds.export.read_export_config("model.safetensors")      # or print it: `fastmim-ds export` does
     model = timm.create_model(cfg["architecture"], pretrained=True,
@@ -49,15 +48,16 @@ from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
 from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from timm.models._hub import save_config_for_hf  # timm exports save_for_hf only; this writes config.json alone
 
-from . import models as _models  # noqa: F401  (registers the mixmim_* timm models)
-from .checkpoint import load_pretrained_encoder, read_client_state, read_module_state, resolve_tag_dir
+from .checkpoint import read_client_state, resolve_tag_dir
 from .models.adapters import adapter_for
+from .models.classifier import fold_probe_head
+from .weights import classifier_arch, load_module_state
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "CheckpointModel", "read_checkpoint_model", "build_timm_model", "export", "read_export_config",
-    "create_model_from_export", "timm_call", "fold_probe_head", "load_module_state", "WEIGHTS_NAME", "METADATA_KEY",
+    "create_model_from_export", "timm_call", "WEIGHTS_NAME", "METADATA_KEY",
 ]
 
 WEIGHTS_NAME = "model.safetensors"  # timm's HF_SAFE_WEIGHTS_NAME: what `local-dir:` folders hold
@@ -96,71 +96,21 @@ class CheckpointModel:
     notes: list[str] = field(default_factory=list)
 
 
-def _size_args(adapter, img_size: int) -> dict:
-    return {} if adapter.family == "pvt_v2" else {"img_size": img_size}  # timm PVTv2 takes any size, no img_size
-
-
-def _stages(encoder: nn.Module) -> nn.Module:
-    return encoder.layers if hasattr(encoder, "layers") else encoder.stages
-
-
 def _encoder_args(model_cfg: dict, img_size: int) -> tuple[dict, list[str]]:
     """model_args of a pre-training run's encoder (as ``adapter.create`` built it, minus training-only args)."""
     name, kwargs = model_cfg["encoder"], dict(model_cfg.get("encoder_kwargs", {}))
     adapter = adapter_for(name)
-    args = {"num_classes": 0, **_size_args(adapter, img_size), **kwargs}
-    if adapter.family == "vit":
-        args["global_pool"] = "avg"  # ViTAdapter.create: the final norm is fc_norm, applied per token
-    notes = []
     k = model_cfg.get("encoder_blocks", 0)
+    with torch.device("meta"):
+        encoder = adapter.create(name, img_size=img_size, drop_path=0.0, **kwargs)
     if k:
-        with torch.device("meta"):
-            encoder = adapter.create(name, img_size=img_size, drop_path=0.0, **kwargs)
         adapter.truncate(encoder, k)
-        if adapter.family == "vit":
-            args["depth"] = len(encoder.blocks)
-        else:
-            args["depths"] = [len(s.blocks) for s in _stages(encoder)]
-        notes.append(f"truncated encoder: pre-trained with the first {k} blocks only (model.encoder_blocks); exported "
-                     f"as that shallower model ({'depth' if 'depth' in args else 'depths'}="
-                     f"{args.get('depth', args.get('depths'))})")
-    return args, notes
-
-
-def fold_probe_head(state: dict[str, torch.Tensor], head: str) -> dict[str, torch.Tensor]:
-    """Folds a linear probe's ``Sequential(BatchNorm1d(affine=False), Linear)`` head into one Linear.
-
-    ``y = W (x - mu) / sqrt(var + eps) + b`` = ``W' x + b'`` with ``W' = W / sqrt(var + eps)`` (per input column) and
-    ``b' = b - W' mu`` (BatchNorm in eval mode: running statistics; eps 1e-6 as MAE ``main_linprobe.py``).
-
-    Args:
-        state: weights with ``{head}.0.running_mean/var`` and ``{head}.1.weight/bias``.
-        head: the classifier's module path (timm ``pretrained_cfg['classifier']``: ``head`` or ``head.fc``).
-
-    Returns:
-        a new dict with ``{head}.weight/bias`` instead of the probe's tensors.
-    """
-    from .linprobe import PROBE_BN_EPS
-
-    out = {k: v for k, v in state.items() if not k.startswith(f"{head}.0.") and not k.startswith(f"{head}.1.")}
-    inv_std = (state[f"{head}.0.running_var"].double() + PROBE_BN_EPS).rsqrt()  # (C,)
-    w = state[f"{head}.1.weight"].double() * inv_std  # (K, C)
-    out[f"{head}.weight"] = w.float()
-    out[f"{head}.bias"] = (state[f"{head}.1.bias"].double() - w @ state[f"{head}.0.running_mean"].double()).float()
-    return out
-
-
-def load_module_state(tag_dir: Path, prefix: str) -> dict[str, torch.Tensor]:
-    """fp32 weights of the module under ``prefix`` (stripped) in a checkpoint tag folder.
-
-    ZeRO-1/2/3 tags are consolidated from the optimizer shards (DeepSpeed ``get_fp32_state_dict_from_zero_checkpoint``
-    via :func:`~fastmim_ds.checkpoint.load_pretrained_encoder`). A ZeRO-0 tag (the linear probe's: no
-    ``*optim_states.pt`` shards) holds the full weights in its module states, which are read directly: DeepSpeed's
-    ``zero_to_fp32`` cannot parse it (``param_shapes`` is None there).
-    """
-    if any(Path(tag_dir).glob("*optim_states.pt")):
-        return load_pretrained_encoder(tag_dir, prefix=prefix)[0]
-    return {k[len(prefix):]: v.float() for k, v in read_module_state(tag_dir).items() if k.startswith(prefix)}
+    args = {**kwargs, **adapter.export_args(encoder, img_size, truncated=bool(k))}  # what create() really built
+    if not k:
+        return args, []
+    depth = ", ".join(f"{a}={args[a]}" for a in ("depth", "depths") if a in args)
+    return args, [f"truncated encoder: pre-trained with the first {k} blocks only (model.encoder_blocks); exported "
+                  f"as that shallower model ({depth})"]
 
 
 def read_checkpoint_model(path: str | Path) -> CheckpointModel:
@@ -184,13 +134,11 @@ def read_checkpoint_model(path: str | Path) -> CheckpointModel:
         data = {"input_size": (3, img, img), "crop_pct": cfg["data"].get("val_crop_ratio", 0.875), **mean_std}
         return CheckpointModel("encoder", cfg["model"]["encoder"], args, state, data, source=str(tag_dir), notes=notes)
     if "num_classes" in client:  # FinetuneCfg / LinprobeCfg: the module is the classifier itself
-        model, pre = cfg["model"], client.get("pretrain_config", {}).get("model", {})
-        # the same precedence as models.classifier.create_classifier
-        name = model.get("name") or pre.get("encoder") or client.get("model_name", "")
-        kwargs = model.get("kwargs") if (model.get("kwargs") or model.get("name")) else pre.get("encoder_kwargs", {})
+        model = cfg["model"]
+        name, kwargs = classifier_arch(model, client.get("pretrain_config", {}), client.get("model_name", ""))
         img = cfg["data"]["img_size"]
         args = {"num_classes": client["num_classes"], "global_pool": model.get("global_pool", "avg"),
-                **_size_args(adapter_for(name), img), **dict(kwargs)}
+                **adapter_for(name).size_kwargs(img), **kwargs}
         state = load_module_state(tag_dir, "")
         data = {"input_size": (3, img, img), "crop_pct": cfg["data"].get("val_crop_ratio", 0.875), **mean_std}
         return CheckpointModel("classifier", name, args, state, data, label_names=list(client.get("classes", [])),

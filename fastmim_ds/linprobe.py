@@ -29,14 +29,13 @@ from timm.optim import Lars
 
 from .checkpoint import resolve_tag_dir
 from .config import ClassifierCfg, ConfigError, LinprobeCfg, LinprobeOptimCfg, OptimCfg, Resolved, resolve
-from .models.classifier import LoadReport, create_classifier
+from .models.classifier import LoadReport, create_classifier, probe_head
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PROBE_BN_EPS", "OPTIMIZERS", "create_probe", "build_probe_optimizer", "probe_ds_config", "check_linprobe",
+__all__ = ["OPTIMIZERS", "create_probe", "build_probe_optimizer", "probe_ds_config", "check_linprobe",
            "main"]
 
-PROBE_BN_EPS = 1e-6  # MAE main_linprobe.py: BatchNorm1d(affine=False, eps=1e-6)
 OPTIMIZERS = ("lars", "sgd")
 
 
@@ -59,7 +58,7 @@ def create_probe(cfg: ClassifierCfg, *, num_classes: int, img_size: int) -> tupl
         raise ValueError(f"{type(model).__name__}: classifier '{path}' is {type(linear).__name__}, not a Linear")
     trunc_normal_(linear.weight, std=0.01)
     nn.init.zeros_(linear.bias)
-    model.set_submodule(path, nn.Sequential(nn.BatchNorm1d(linear.in_features, affine=False, eps=PROBE_BN_EPS), linear))
+    model.set_submodule(path, probe_head(linear))
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(f"{path}."))
     return model, report

@@ -17,6 +17,7 @@ import torch
 from .config import ConfigError, FinetuneCfg, PretrainCfg, Resolved, check_mapping, resolve, to_dict
 from .ds_engine import load_ds_config
 from .trackers import check_tracker_packages
+from .weights import classifier_arch, pretrain_config_of
 
 __all__ = ["check_pretrain", "check_finetune", "check_common", "check_resume_compatible", "read_classes",
            "read_class_names", "read_dataset_meta", "check_labeled",
@@ -143,19 +144,6 @@ def check_model_kwargs(name: str, kwargs: dict, key: str) -> None:
     raise ConfigError(f"{key}: {cls_name} ({name}) takes no {what}{hint}")
 
 
-def _pretrained_encoder_name(pretrained: str) -> str:
-    """The encoder name stored with a pre-training checkpoint (run folder or tag); '' for plain weight files."""
-    from .checkpoint import read_client_state, resolve_tag_dir
-
-    p = Path(pretrained)
-    if not pretrained or p.is_file():
-        return ""
-    try:
-        return read_client_state(resolve_tag_dir(p)).get("config", {}).get("model", {}).get("encoder", "")
-    except (FileNotFoundError, OSError, RuntimeError):
-        return ""
-
-
 def check_classifier_kwargs(model) -> None:
     """Checks ``model.kwargs`` of a classifier config (fine-tuning, linear probe) against the constructor of
     ``model.name``, or of the pre-trained encoder when the name is empty (``create_classifier``'s rule).
@@ -165,7 +153,7 @@ def check_classifier_kwargs(model) -> None:
     """
     check_mapping(model.kwargs, "model.kwargs")
     if model.kwargs:
-        name = model.name or _pretrained_encoder_name(model.pretrained)
+        name = classifier_arch({"name": model.name}, pretrain_config_of(model.pretrained))[0]
         if name:
             check_model_kwargs(name, model.kwargs, "model.kwargs")
 

@@ -159,7 +159,7 @@ def load_mim_model(path: str | Path) -> tuple[nn.Module, PretrainCfg]:
         ValueError: not a pre-training checkpoint.
     """
     from .checkpoint import read_client_state, resolve_tag_dir
-    from .export import load_module_state
+    from .weights import load_module_state
 
     tag_dir = resolve_tag_dir(Path(path))
     saved = read_client_state(tag_dir).get("config", {})

@@ -13,11 +13,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastmim_ds.checkpoint import load, load_pretrained_encoder, save
+from fastmim_ds.checkpoint import load, save
 from fastmim_ds.config import ClassifierCfg, PretrainCfg, load_config
 from fastmim_ds.ds_engine import create_engine
 from fastmim_ds.models import create_mim_model
 from fastmim_ds.models.classifier import create_classifier
+from fastmim_ds.weights import load_pretrained_encoder
 
 TINY_VIT = ["model.encoder_kwargs={embed_dim: 32, depth: 2, num_heads: 2}", "data.img_size=64",
             "model.decoder_dim=32"]

@@ -403,7 +403,7 @@ def test_linprobe_classifier_kwargs_checked_against_the_pretrained_encoder(tmp_p
     from fastmim_ds.linprobe import check_linprobe
 
     # kwargs without a name: the pre-trained encoder's architecture (read from its checkpoint) decides
-    monkeypatch.setattr(validate, "_pretrained_encoder_name", lambda p: "vit_tiny_patch16_224")
+    monkeypatch.setattr(validate, "pretrain_config_of", lambda p: {"model": {"encoder": "vit_tiny_patch16_224"}})
     monkeypatch.setattr("fastmim_ds.linprobe.resolve_tag_dir", lambda p: p)
     cfg = load_config(LinprobeCfg, None, [f"model.pretrained={tmp_path}", "model.kwargs={deth: 6}"])
     with pytest.raises(ConfigError, match="^model.kwargs: VisionTransformer .* 'deth' .*'depth'"):

@@ -16,13 +16,12 @@ from fastmim_ds.config import ClassifierCfg, FinetuneCfg, PretrainCfg, load_conf
 from fastmim_ds.export import (
     create_model_from_export,
     export,
-    fold_probe_head,
     read_checkpoint_model,
     read_export_config,
     timm_call,
 )
 from fastmim_ds.models import create_mim_model
-from fastmim_ds.models.classifier import create_classifier
+from fastmim_ds.models.classifier import create_classifier, fold_probe_head
 
 pytestmark = [pytest.mark.usefixtures("one_rank_group"), pytest.mark.timeout(300)]
 
@@ -280,7 +279,7 @@ def test_consolidation_and_collectives_are_quiet(tmp_path, capfd):
 
     import deepspeed.comm as ds_dist
 
-    from fastmim_ds.checkpoint import load_pretrained_encoder
+    from fastmim_ds.weights import load_pretrained_encoder
 
     _, mim, run = pretrain_run(tmp_path, TINY_VIT)
     capfd.readouterr()

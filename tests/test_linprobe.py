@@ -11,7 +11,7 @@ from conftest import REPO
 
 from fastmim_ds.config import ClassifierCfg, ConfigError, LinprobeCfg, LinprobeOptimCfg, load_config
 from fastmim_ds.export import create_model_from_export, export, read_checkpoint_model
-from fastmim_ds.linprobe import PROBE_BN_EPS, build_probe_optimizer, check_linprobe, create_probe, probe_ds_config
+from fastmim_ds.linprobe import build_probe_optimizer, check_linprobe, create_probe, probe_ds_config
 
 from test_export import TINY_SWIN, TINY_VIT, pretrain_run  # noqa: F401  (fixture)
 
@@ -31,7 +31,7 @@ def test_probe_trains_only_the_head(tmp_path, overrides, head):
     assert report.missing == [] and report.loaded
     probe = model.get_submodule(head)
     assert isinstance(probe, torch.nn.Sequential) and isinstance(probe[0], torch.nn.BatchNorm1d)
-    assert not probe[0].affine and probe[0].eps == PROBE_BN_EPS and isinstance(probe[1], torch.nn.Linear)
+    assert not probe[0].affine and probe[0].eps == 1e-6 and isinstance(probe[1], torch.nn.Linear)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{head}.1.weight", f"{head}.1.bias"}
     assert 0.005 < probe[1].weight.std() < 0.015 and torch.all(probe[1].bias == 0)  # MAE: trunc_normal(0.01)

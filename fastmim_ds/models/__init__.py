@@ -10,15 +10,12 @@ from ..config import MaskCfg, MIMModelCfg, PretrainCfg, load_config
 from ..targets import build_target
 from .adapters import ADAPTERS, adapter_for
 from .mim import FastMIM, TokenDecoder, _init_xavier
-from .mixmim import MixMIM, MixMIMAdapter, MixMIMTransformer, build_mixmim
+from .mixmim import MixMIM, MixMIMTransformer, build_mixmim  # registers the mixmim_* models and their adapter
 
 __all__ = [
     "METHODS", "create_mim_model", "initial_mim_model", "set_grad_checkpointing", "adapter_for", "ADAPTERS", "FastMIM",
     "TokenDecoder", "MixMIM", "MixMIMTransformer",
 ]
-
-# MixMIM backbones are registered in timm by importing .mixmim (timm module name "mixmim")
-ADAPTERS["mixmim"] = MixMIMAdapter()
 
 
 def _init_encoder(encoder: nn.Module) -> None:

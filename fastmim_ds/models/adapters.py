@@ -3,9 +3,11 @@
 The MIM logic (masking, mask token, decoder, target, loss) lives once in :mod:`fastmim_ds.models.mim`.
 An adapter only knows how one timm model family is built for pre-training, turns a (masked) image into its
 final-stage tokens, follows an image-size change between epochs (FastMIM-P), drops trailing blocks
-(FastMIM finding ii) and maps pre-trained weights into the same family's classifier. Adding a backbone
-family means adding one adapter class and one line in :data:`ADAPTERS` (this replaces FastMIM's one
-copied 500-780-line script per backbone and SimMIM's ``*ForSimMIM`` subclasses):
+(FastMIM finding ii), maps pre-trained weights into the same family's classifier and says how timm rebuilds the
+pre-trained encoder (export). Adding a backbone family means one adapter class and one :func:`register_adapter`
+call with the family's model class (this replaces FastMIM's one copied 500-780-line script per backbone and
+SimMIM's ``*ForSimMIM`` subclasses). Adapters are found by model class, so every timm name that builds a subclass of
+a registered class is covered (``deit_*`` and ``vit_*`` alike build a ``VisionTransformer``):
 
 * :class:`ViTAdapter`: timm ``VisionTransformer`` (FastMIM ``mim_vit_pretrain.py``), stride = patch size.
 * :class:`SwinAdapter`: timm ``SwinTransformer`` (FastMIM ``mim_swin_pretrain.py``), NHWC stages, stride 32.
@@ -17,6 +19,7 @@ Adapters are stateless: the pre-trained encoder *is* the timm classifier without
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -27,13 +30,16 @@ import timm
 import torch
 import torch.nn as nn
 from timm.layers import build_sincos2d_pos_embed, ndgrid, resample_abs_pos_embed
-from timm.models import is_model_in_modules
 from timm.models import pvt_v2 as timm_pvt_v2
 from timm.models import swin_transformer as timm_swin
+from timm.models.vision_transformer import VisionTransformer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EncoderAdapter", "ViTAdapter", "SwinAdapter", "PVTv2Adapter", "ADAPTERS", "adapter_for"]
+__all__ = [
+    "EncoderAdapter", "ViTAdapter", "SwinAdapter", "PVTv2Adapter", "ADAPTERS", "adapter_for", "register_adapter",
+    "model_class", "truncate_blocks", "sizes_that_work",
+]
 
 
 class EncoderAdapter(Protocol):
@@ -81,17 +87,25 @@ class EncoderAdapter(Protocol):
     def adapt_state_dict(self, state: dict[str, torch.Tensor], classifier: nn.Module) -> dict[str, torch.Tensor]:
         """Maps pre-trained encoder weights onto ``classifier`` (resampling position tables)."""
 
+    def size_kwargs(self, img_size: int) -> dict:
+        """``timm.create_model`` kwargs that set the input size (``{}`` for families that take any size)."""
+
+    def export_args(self, encoder: nn.Module, img_size: int, *, truncated: bool) -> dict:
+        """``timm.create_model`` kwargs (besides the user's ``encoder_kwargs``) that rebuild the pre-trained
+        ``encoder`` as a plain headless timm model: ``num_classes=0``, the size, the pooling whose final norm the
+        encoder trained and, when ``truncated`` (:meth:`truncate` ran), the depth(s) it kept."""
+
 
 # ----------------------------------------------------------------------------------------------- shared helpers
 
 
-def _sizes_that_work(fits: Callable[[int], bool], step: int, upto: int) -> str:
+def sizes_that_work(fits: Callable[[int], bool], step: int, upto: int) -> str:
     """Comma-separated multiples of ``step`` up to ``upto`` px for which ``fits`` holds (for error messages)."""
     sizes = [s for s in range(step, max(upto, step) + 1, step) if fits(s)]
     return ", ".join(map(str, sizes)) if sizes else f"none up to {upto}"
 
 
-def _truncate_blocks(block_lists: Sequence[tuple[str, nn.Module]], num_blocks: int) -> list[str]:
+def truncate_blocks(block_lists: Sequence[tuple[str, nn.Module]], num_blocks: int) -> list[str]:
     """Deletes every block after the first ``num_blocks`` of ``[(prefix, nn.Sequential | nn.ModuleList)]``.
 
     Returns the removed blocks' name prefixes (``f"{prefix}{index}."``) in order.
@@ -117,7 +131,7 @@ class _TimmAdapter:
 
     family: str
 
-    def _size_kwargs(self, img_size: int) -> dict:
+    def size_kwargs(self, img_size: int) -> dict:
         return {"img_size": img_size}
 
     def num_features(self, encoder: nn.Module) -> int:
@@ -134,7 +148,7 @@ class _TimmAdapter:
     ) -> nn.Module:
         return timm.create_model(
             name, pretrained=False, num_classes=num_classes, global_pool=global_pool, drop_path_rate=drop_path,
-            **self._size_kwargs(img_size), **kwargs,
+            **self.size_kwargs(img_size), **kwargs,
         )
 
 
@@ -205,7 +219,12 @@ class ViTAdapter(_TimmAdapter):
             encoder.pos_embed.data = _sincos_pos_embed(encoder).to(encoder.pos_embed)
 
     def truncate(self, encoder: nn.Module, num_blocks: int) -> list[str]:
-        return _truncate_blocks([("blocks.", encoder.blocks)], num_blocks)
+        return truncate_blocks([("blocks.", encoder.blocks)], num_blocks)
+
+    def export_args(self, encoder: nn.Module, img_size: int, *, truncated: bool) -> dict:
+        # global_pool='avg': the final norm is fc_norm, as :meth:`create` built it
+        args = {"num_classes": 0, "img_size": img_size, "global_pool": "avg"}
+        return {**args, "depth": len(encoder.blocks)} if truncated else args
 
     def forward_tokens(self, encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         tokens = encoder.forward_features(x)  # (B, P + N, C), final norm is Identity with global_pool='avg'
@@ -280,9 +299,15 @@ class _HierarchicalAdapter(_TimmAdapter):
     def _stages(self, model: nn.Module) -> nn.Sequential:
         return getattr(model, self.stages_attr)
 
+    def export_args(self, encoder: nn.Module, img_size: int, *, truncated: bool) -> dict:
+        args = {"num_classes": 0, **self.size_kwargs(img_size)}
+        if truncated:
+            args["depths"] = [len(s.blocks) for s in self._stages(encoder)]
+        return args
+
     def create(self, name: str, *, img_size: int, drop_path: float, **kwargs) -> nn.Module:
         return timm.create_model(
-            name, pretrained=False, num_classes=0, drop_path_rate=drop_path, **self._size_kwargs(img_size), **kwargs
+            name, pretrained=False, num_classes=0, drop_path_rate=drop_path, **self.size_kwargs(img_size), **kwargs
         )
 
     def stride(self, encoder: nn.Module) -> int:
@@ -293,12 +318,12 @@ class _HierarchicalAdapter(_TimmAdapter):
         if img_size < s or img_size % s:
             raise ValueError(
                 f"image size {img_size} is not divisible by the {self.family} output stride {s} px "
-                f"(sizes that work: {_sizes_that_work(lambda n: True, s, max(2 * img_size, 8 * s))})"
+                f"(sizes that work: {sizes_that_work(lambda n: True, s, max(2 * img_size, 8 * s))})"
             )
 
     def truncate(self, encoder: nn.Module, num_blocks: int) -> list[str]:
         stages = self._stages(encoder)
-        return _truncate_blocks([(f"{self.stages_attr}.{i}.blocks.", s.blocks) for i, s in enumerate(stages)],
+        return truncate_blocks([(f"{self.stages_attr}.{i}.blocks.", s.blocks) for i, s in enumerate(stages)],
                                 num_blocks)
 
     def forward_tokens(self, encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -415,7 +440,7 @@ class SwinAdapter(_HierarchicalAdapter):
         _, problem = self._windows_at(encoder, img_size)
         if problem:
             stride = self.stride(encoder)
-            ok = _sizes_that_work(lambda s: not self._windows_at(encoder, s)[1], stride, max(2 * img_size, 8 * stride))
+            ok = sizes_that_work(lambda s: not self._windows_at(encoder, s)[1], stride, max(2 * img_size, 8 * stride))
             raise ValueError(f"{problem}; image sizes that work: {ok}")
 
     def set_img_size(self, encoder: nn.Module, img_size: int) -> None:
@@ -475,27 +500,47 @@ class PVTv2Adapter(_HierarchicalAdapter):
     channels_last = False
     checkpoint_filter = staticmethod(timm_pvt_v2.checkpoint_filter_fn)
 
-    def _size_kwargs(self, img_size: int) -> dict:
+    def size_kwargs(self, img_size: int) -> dict:
         return {}  # timm PVTv2 takes no img_size
 
 
-# timm module name -> adapter; a new family = one adapter + one line here.
-ADAPTERS: dict[str, EncoderAdapter] = {
-    "vision_transformer": ViTAdapter(),
-    "swin_transformer": SwinAdapter(),
-    "pvt_v2": PVTv2Adapter(),
+# model class -> adapter (subclasses included); a new family = one adapter + one register_adapter call.
+ADAPTERS: dict[type, EncoderAdapter] = {
+    VisionTransformer: ViTAdapter(),
+    timm_swin.SwinTransformer: SwinAdapter(),
+    timm_pvt_v2.PyramidVisionTransformerV2: PVTv2Adapter(),
 }
 
 
-def adapter_for(name: str) -> EncoderAdapter:
-    """Adapter of the timm model ``name``.
+def register_adapter(model_cls: type, adapter: EncoderAdapter) -> None:
+    """Makes ``adapter`` the one of ``model_cls`` and its subclasses (a backbone family's only registry line)."""
+    ADAPTERS[model_cls] = adapter
+
+
+@functools.lru_cache(maxsize=None)
+def model_class(name: str) -> type:
+    """The class ``timm.create_model(name)`` builds, found by building it on the meta device (no memory, no init
+    cost).
 
     Raises:
-        ValueError: unknown timm model, or a family without an adapter (lists the supported ones).
+        ValueError: ``name`` is not a timm model.
     """
     if not timm.is_model(name):
         raise ValueError(f"'{name}' is not a timm model (see timm.list_models())")
-    for module, adapter in ADAPTERS.items():
-        if is_model_in_modules(name, [module]):
-            return adapter
-    raise ValueError(f"no MIM adapter for '{name}' (supported timm modules: {', '.join(ADAPTERS)})")
+    with torch.device("meta"):
+        return type(timm.create_model(name, pretrained=False))
+
+
+def adapter_for(model: str | nn.Module) -> EncoderAdapter:
+    """Adapter of a timm model name or model instance: the one registered for its class or the nearest base class.
+
+    Raises:
+        ValueError: unknown timm model, or a model class without an adapter (names it and the supported classes).
+    """
+    cls = model_class(model) if isinstance(model, str) else type(model)
+    for base in cls.__mro__:
+        if base in ADAPTERS:
+            return ADAPTERS[base]
+    what = f"'{model}' (a {cls.__name__})" if isinstance(model, str) else cls.__name__
+    raise ValueError(f"no MIM adapter for {what}; supported model classes: "
+                     f"{', '.join(c.__name__ for c in ADAPTERS)} and their subclasses")

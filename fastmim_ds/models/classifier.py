@@ -12,16 +12,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
-from ..checkpoint import load_pretrained_encoder
 from ..config import ClassifierCfg
+from ..weights import classifier_arch, load_pretrained_encoder
 from .adapters import adapter_for
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoadReport", "create_classifier"]
+__all__ = ["LoadReport", "create_classifier", "PROBE_BN_EPS", "probe_head", "fold_probe_head"]
+
+PROBE_BN_EPS = 1e-6  # MAE main_linprobe.py: BatchNorm1d(affine=False, eps=1e-6)
 
 
 @dataclass
@@ -53,9 +56,7 @@ def create_classifier(cfg: ClassifierCfg, *, num_classes: int, img_size: int) ->
     state = None
     if cfg.pretrained:
         state, report.pretrain_config = load_pretrained_encoder(cfg.pretrained)
-    pre_model = report.pretrain_config.get("model", {})
-    name = cfg.name or pre_model.get("encoder", "")
-    kwargs = dict(cfg.kwargs) if (cfg.kwargs or cfg.name) else dict(pre_model.get("encoder_kwargs", {}))
+    name, kwargs = classifier_arch({"name": cfg.name, "kwargs": cfg.kwargs}, report.pretrain_config)
     if not name:
         raise ValueError("model.name is empty and the pre-trained checkpoint names no encoder")
     adapter = adapter_for(name)
@@ -88,3 +89,30 @@ def create_classifier(cfg: ClassifierCfg, *, num_classes: int, img_size: int) ->
         trunc_normal_(head_mod.weight, std=2e-5)
         nn.init.zeros_(head_mod.bias)
     return model, report
+
+
+def probe_head(linear: nn.Linear) -> nn.Sequential:
+    """The linear probe's head around ``linear``: ``Sequential(BatchNorm1d(affine=False, eps=1e-6), linear)`` on the
+    pooled (B, C) features (MAE ``main_linprobe.py``); :func:`fold_probe_head` turns it back into one Linear."""
+    return nn.Sequential(nn.BatchNorm1d(linear.in_features, affine=False, eps=PROBE_BN_EPS), linear)
+
+
+def fold_probe_head(state: dict[str, torch.Tensor], head: str) -> dict[str, torch.Tensor]:
+    """Folds a linear probe's ``Sequential(BatchNorm1d(affine=False), Linear)`` head into one Linear.
+
+    ``y = W (x - mu) / sqrt(var + eps) + b`` = ``W' x + b'`` with ``W' = W / sqrt(var + eps)`` (per input column) and
+    ``b' = b - W' mu`` (BatchNorm in eval mode: running statistics; eps 1e-6 as MAE ``main_linprobe.py``).
+
+    Args:
+        state: weights with ``{head}.0.running_mean/var`` and ``{head}.1.weight/bias``.
+        head: the classifier's module path (timm ``pretrained_cfg['classifier']``: ``head`` or ``head.fc``).
+
+    Returns:
+        a new dict with ``{head}.weight/bias`` instead of the probe's tensors.
+    """
+    out = {k: v for k, v in state.items() if not k.startswith(f"{head}.0.") and not k.startswith(f"{head}.1.")}
+    inv_std = (state[f"{head}.0.running_var"].double() + PROBE_BN_EPS).rsqrt()  # (C,)
+    w = state[f"{head}.1.weight"].double() * inv_std  # (K, C)
+    out[f"{head}.weight"] = w.float()
+    out[f"{head}.bias"] = (state[f"{head}.1.bias"].double() - w @ state[f"{head}.0.running_mean"].double()).float()
+    return out

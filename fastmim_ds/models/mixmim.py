@@ -51,7 +51,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import MaskCfg, MIMModelCfg
 from ..losses import masked_mse
 from ..targets import build_target
-from .adapters import _truncate_blocks
+from .adapters import register_adapter, truncate_blocks
 from .mim import TokenDecoder, _init_xavier
 
 logger = logging.getLogger(__name__)
@@ -763,7 +763,7 @@ class MixMIMAdapter:
         encoder.check_img_size(img_size)  # fixed-size model: only the built size passes (ValueError otherwise)
 
     def truncate(self, encoder: nn.Module, num_blocks: int) -> list[str]:
-        return _truncate_blocks([(f"layers.{i}.blocks.", s.blocks) for i, s in enumerate(encoder.layers)], num_blocks)
+        return truncate_blocks([(f"layers.{i}.blocks.", s.blocks) for i, s in enumerate(encoder.layers)], num_blocks)
 
     def forward_tokens(self, encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         return encoder.forward_features(x).flatten(1, 2), 0  # (B, N, C), no prefix tokens
@@ -781,6 +781,16 @@ class MixMIMAdapter:
 
     def adapt_state_dict(self, state: dict[str, torch.Tensor], classifier: nn.Module) -> dict[str, torch.Tensor]:
         return checkpoint_filter_fn(state, classifier)
+
+    def size_kwargs(self, img_size: int) -> dict:
+        return {"img_size": img_size}
+
+    def export_args(self, encoder: nn.Module, img_size: int, *, truncated: bool) -> dict:
+        args = {"num_classes": 0, "img_size": img_size}
+        return {**args, "depths": [len(s.blocks) for s in encoder.layers]} if truncated else args
+
+
+register_adapter(MixMIMTransformer, MixMIMAdapter())
 
 
 def build_mixmim(model: MIMModelCfg, mask: MaskCfg, img_size: int) -> MixMIM:

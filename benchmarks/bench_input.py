@@ -1,6 +1,6 @@
 """Input stalls (issue 16, part 1): the real pre-training path fed by FFCV from a beton vs fed synthetic tensors.
 
-Both sides run the product's training loop (``fastmim_ds.engine.train_one_epoch``) on the same DeepSpeed engine
+Both sides run the product's training loop (``fastmim_ds.loop.train_one_epoch``) on the same DeepSpeed engine
 (ZeRO-2, ``benchmarks.common.build_engine``) and the same FastMIM ViT-B/16 at 128 px:
 
 * **real**: ``fastmim_ds.data.loaders.build_train_loader`` on the imagenette beton (``benchmarks.bench_loader``'s,
@@ -40,7 +40,7 @@ from benchmarks.common import (
     write_result,
 )
 from fastmim_ds.config import MaskCfg, MIMModelCfg
-from fastmim_ds.engine import LoopState, train_one_epoch
+from fastmim_ds.loop import LoopState, train_one_epoch
 from fastmim_ds.metrics import MetricsWriter
 from fastmim_ds.models import create_mim_model
 

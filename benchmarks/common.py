@@ -188,7 +188,7 @@ def build_engine(model: torch.nn.Module, *, dtype: str, micro_batch: int, ds_con
 
 
 def train_step(engine, imgs: torch.Tensor) -> torch.Tensor:
-    """One optimizer step as ``fastmim_ds.engine`` runs it: forward, ``engine.backward``, ``engine.step``."""
+    """One optimizer step as ``fastmim_ds.loop`` runs it: forward, ``engine.backward``, ``engine.step``."""
     loss = engine(imgs)["loss"]
     engine.backward(loss)
     engine.step()

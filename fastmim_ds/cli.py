@@ -203,10 +203,10 @@ def _knn(args: argparse.Namespace) -> int:
 
     import torch
 
+    from .checks import read_classes
     from .data.loaders import build_val_loader, dataset_labels, dataset_size
     from .knn import encoder_features, knn_evaluate, load_source
     from .quality import spread_indices
-    from .validate import read_classes
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     model, data = load_source(args.source, img_size=args.img_size)
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "prepare":
             return _prepare(args)
         if args.command == "check":
-            from .validate import check_finetune, check_pretrain
+            from .checks import check_finetune, check_pretrain
 
             world = hostfile_world_size(args.hostfile) if args.hostfile else args.world_size
             if args.kind == "pretrain":

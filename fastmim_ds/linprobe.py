@@ -12,7 +12,8 @@ ZeRO-1/2 would hand the optimizer flat, rank-partitioned buffers and change the 
 config becomes ``torch_autocast`` (bf16 forward, fp32 head and optimizer, MAE uses AMP) on GPUs and fp32 on CPUs.
 Before each evaluation the head's BatchNorm statistics are broadcast from rank 0 (each rank saw its own batches),
 so every rank evaluates the model that the checkpoint (rank 0's module) holds.
-The run itself (loaders, resume, evaluation, best top-1) is :mod:`fastmim_ds.classify`, shared with fine-tuning.
+The run itself (loaders, resume, evaluation, best top-1) is :class:`fastmim_ds.finetune.ClassifierLoop`, shared
+with fine-tuning.
 
 Launch: ``deepspeed --num_gpus 8 --module fastmim_ds linprobe --config configs/linprobe_....yaml --pretrained <run>``
 (``make linprobe PRETRAINED=<run> LP_CONFIG=...``).
@@ -29,7 +30,11 @@ from timm.optim import Lars
 
 from .checkpoint import resolve_tag_dir
 from .config import ClassifierCfg, ConfigError, LinprobeCfg, LinprobeOptimCfg, OptimCfg, Resolved, resolve
+from .ds_engine import build_ds_config, create_engine
+from .finetune import ClassifierLoop, start_classifier_run
+from .loop import evaluate
 from .models.classifier import LoadReport, create_classifier, probe_head
+from .optim import build_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +117,7 @@ def check_linprobe(cfg: LinprobeCfg, world_size: int, *, check_files: bool = Tru
     Raises:
         ConfigError: one line naming the key and the fix.
     """
-    from .validate import check_classifier_kwargs, check_common, check_labeled, read_classes
+    from .checks import check_classifier_kwargs, check_common, check_labeled, read_classes
 
     if check_files:
         check_labeled(cfg.data, "the linear probe")
@@ -136,45 +141,45 @@ def check_linprobe(cfg: LinprobeCfg, world_size: int, *, check_files: bool = Tru
     return resolve(_optim_view(cfg.optim), cfg.train, world_size)
 
 
+class LinprobeLoop(ClassifierLoop):
+    """The probe's step (cross-entropy of the BatchNorm + Linear head on frozen features) and its evaluation: every
+    rank evaluates with rank 0's BatchNorm statistics (the ones rank 0 saves), under the engine's autocast."""
+
+    def __init__(self, cfg: LinprobeCfg, run, engine, **kwargs):
+        super().__init__(cfg, run, engine, client_extra={"task": "linprobe"}, **kwargs)
+        self.criterion = nn.CrossEntropyLoss()
+        self.bn = engine.module.get_submodule(engine.module.pretrained_cfg.get("classifier", "head"))[0]
+
+    def step(self, images, labels) -> dict:
+        logits = self.engine(images).float()
+        return {"loss": self.criterion(logits, labels), "logits": logits}
+
+    def evaluate_val(self) -> dict:
+        if self.run_.dist.world_size > 1:
+            for buf in self.bn.buffers():
+                torch.distributed.broadcast(buf, src=0)
+        amp = self.engine.torch_autocast_enabled()
+        with torch.autocast(self.run_.dist.device.type, dtype=torch.bfloat16, enabled=amp):
+            return evaluate(self.engine.module, self.val_loader, dtype=torch.float32, show_progress=self.show_progress)
+
+
 def main(cfg: LinprobeCfg, *, resume: str | None = None) -> dict:
     """Trains and evaluates the probe; returns ``{"top1": last, "top5", "best_top1", "run_dir"}``."""
-    from .classify import start_run, train_and_evaluate
-    from .ds_engine import build_ds_config, create_engine
-    from .engine import evaluate
-    from .optim import build_scheduler
-
-    run = start_run(cfg, task="linprobe", check=check_linprobe, create_model=create_probe, resume=resume)
-    dist, derived, model = run.dist, run.derived, run.model
+    run, name, num_classes = start_classifier_run(cfg, task="linprobe", check=check_linprobe, resume=resume)
+    dist, derived = run.dist, run.derived
+    model, report = create_probe(cfg.model, num_classes=num_classes, img_size=cfg.data.img_size)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("run %s | %s frozen, head %d params trainable, %d classes | world %d | effective batch %d | "
-                "%s lr %.3g (blr %.3g)", run.dir, run.name, trainable, run.num_classes, dist.world_size,
+                "%s lr %.3g (blr %.3g)", run.dir, name, trainable, num_classes, dist.world_size,
                 derived.eff_batch, cfg.optim.name, derived.lr, cfg.optim.blr)
-    if run.report.missing:
-        logger.warning("not pre-trained (random init, frozen): %s", ", ".join(run.report.missing))
-
+    if report.missing:
+        logger.warning("not pre-trained (random init, frozen): %s", ", ".join(report.missing))
     optimizer = build_probe_optimizer(model, cfg.optim, derived.lr)
     ds = build_ds_config(cfg.train, clip_grad=cfg.optim.clip_grad, world_size=dist.world_size, run_dir=run.dir)
     engine = create_engine(model, optimizer, probe_ds_config(ds, dist.device), compile=cfg.train.compile,
                            compile_backend=cfg.train.compile_backend)
-    amp = engine.torch_autocast_enabled()
-    criterion = nn.CrossEntropyLoss()
-    bn = engine.module.get_submodule(engine.module.pretrained_cfg.get("classifier", "head"))[0]
-
-    def step_fn(eng, images, labels):
-        logits = eng(images).float()
-        return {"loss": criterion(logits, labels), "logits": logits}
-
-    def evaluate_fn(val_loader) -> dict:
-        if dist.world_size > 1:  # every rank evaluates (and rank 0 saves) rank 0's BatchNorm statistics
-            for buf in bn.buffers():
-                torch.distributed.broadcast(buf, src=0)
-        with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=amp):
-            return evaluate(engine.module, val_loader, dtype=torch.float32, show_progress=dist.is_main)
-
-    return train_and_evaluate(
-        cfg, run, engine=engine, scheduler=build_scheduler(optimizer, _optim_view(cfg.optim), derived,
-                                                           epochs=cfg.train.epochs),
-        step_fn=step_fn, evaluate_fn=evaluate_fn, client_extra={"task": "linprobe"}, log=logger, resume=resume,
-        summary="linear-probe top-1: {top1:.2f}% (top-5 {top5:.2f}%, best {best_top1:.2f}% at epoch {best_epoch}), "
-                "run: {run_dir}",
-    )
+    scheduler = build_scheduler(optimizer, _optim_view(cfg.optim), derived, epochs=cfg.train.epochs)
+    loop = LinprobeLoop(cfg, run, engine, scheduler=scheduler, report=report, model_name=name,
+                        num_classes=num_classes)
+    return loop.train_and_evaluate("linear-probe top-1: {top1:.2f}% (top-5 {top5:.2f}%, best {best_top1:.2f}% at "
+                                   "epoch {best_epoch}), run: {run_dir}")

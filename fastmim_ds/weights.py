@@ -112,9 +112,18 @@ def load_pretrained_encoder(path: str | Path, prefix: str = "encoder.") -> tuple
 
 
 def pretrain_config_of(pretrained: str | Path) -> dict:
-    """The pre-training config stored with a checkpoint (run folder, ``<run>/ckpt`` or tag), read without its
-    weights; ``{}`` for plain weight files, YAML configs, an empty path or anything unreadable."""
+    """The pre-training config of what ``model.pretrained`` points at, read without any weights: a checkpoint's
+    (run folder, ``<run>/ckpt`` or tag) or a pre-training YAML's; ``{}`` for plain weight files, an empty path or
+    an unreadable checkpoint.
+
+    Raises:
+        ConfigError: a YAML config that does not load.
+    """
     p = Path(pretrained) if pretrained else None
+    if p is not None and p.is_file() and p.suffix in (".yaml", ".yml"):
+        from .config import PretrainCfg, load_config, to_dict
+
+        return to_dict(load_config(PretrainCfg, p))
     if p is None or p.is_file():
         return {}
     try:

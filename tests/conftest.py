@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from fastmim_ds.config import PretrainCfg, load_config
+from fastmim_ds.loop import Loop
 
 # A 2-block, 64-d ViT/16 at 64 px: a 4x4 token grid, fast enough for CPU unit tests in fp32.
 TINY_VIT_OVERRIDES = ["model.encoder_kwargs={embed_dim: 64, depth: 2, num_heads: 2}", "data.img_size=64"]
@@ -78,3 +79,25 @@ def one_rank_group():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class FunctionLoop(Loop):
+    """A :class:`~fastmim_ds.loop.Loop` from plain functions, for tests of the loop itself: ``step_fn(engine,
+    images, labels)``, the same ``loader`` and ``updates`` every epoch, an optional ``end(epoch, stats)``."""
+
+    def __init__(self, engine, *, loader, updates: int, step_fn, client: dict | None = None, end=None, **kwargs):
+        super().__init__(engine, **kwargs)
+        self.loader, self.updates, self.step_fn, self.client, self.end = loader, updates, step_fn, client or {}, end
+
+    def step(self, images, labels) -> dict:
+        return self.step_fn(self.engine, images, labels)
+
+    def begin_epoch(self, epoch: int):
+        return self.loader, self.updates
+
+    def end_epoch(self, epoch: int, stats: dict) -> None:
+        if self.end is not None:
+            self.end(epoch, stats)
+
+    def client_state(self) -> dict:
+        return self.client

@@ -97,7 +97,7 @@ def test_classifier_grad_checkpointing_same_loss_and_gradients():
 
 
 def test_grad_checkpointing_is_free_to_change_on_resume():
-    from fastmim_ds.validate import check_resume_compatible
+    from fastmim_ds.checks import check_resume_compatible
 
     saved = load_config(PretrainCfg, None, TINY_VIT)
     now = load_config(PretrainCfg, None, TINY_VIT + ["model.grad_checkpointing=true", "train.compile=true"])

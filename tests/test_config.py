@@ -347,9 +347,9 @@ SHIPPED = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_validates(path):
     """configs/*.yaml stay in step with the dataclasses and the pre-launch checks (files not required)."""
+    from fastmim_ds.checks import check_finetune, check_pretrain
     from fastmim_ds.config import LinprobeCfg
     from fastmim_ds.linprobe import check_linprobe
-    from fastmim_ds.validate import check_finetune, check_pretrain
 
     kind = "linprobe" if "linprobe" in path.name else "finetune" if "finetune" in path.name else "pretrain"
     cls, check = {"pretrain": (PretrainCfg, check_pretrain), "finetune": (FinetuneCfg, check_finetune),
@@ -380,7 +380,7 @@ def test_every_shipped_config_loads_and_validates(path):
      "model.kwargs: PyramidVisionTransformerV2 (pvt_v2_b0) takes no argument 'x'"),
 ])
 def test_unknown_model_kwarg_is_rejected_before_launch(kind, overrides, message):
-    from fastmim_ds.validate import check_finetune, check_pretrain
+    from fastmim_ds.checks import check_finetune, check_pretrain
 
     cls, check = (PretrainCfg, check_pretrain) if kind == "pretrain" else (FinetuneCfg, check_finetune)
     with pytest.raises(ConfigError) as ei:
@@ -389,7 +389,7 @@ def test_unknown_model_kwarg_is_rejected_before_launch(kind, overrides, message)
 
 
 def test_known_model_kwargs_pass_the_signature_check():
-    from fastmim_ds.validate import check_model_kwargs
+    from fastmim_ds.checks import check_model_kwargs
 
     # class arguments, entrypoint/builder arguments (timm pops out_indices before the class sees it)
     check_model_kwargs("vit_tiny_patch16_224", {"depth": 2, "patch_size": 8, "class_token": False}, "k")
@@ -398,12 +398,12 @@ def test_known_model_kwargs_pass_the_signature_check():
 
 
 def test_linprobe_classifier_kwargs_checked_against_the_pretrained_encoder(tmp_path, monkeypatch):
-    from fastmim_ds import validate
+    from fastmim_ds import checks
     from fastmim_ds.config import LinprobeCfg
     from fastmim_ds.linprobe import check_linprobe
 
     # kwargs without a name: the pre-trained encoder's architecture (read from its checkpoint) decides
-    monkeypatch.setattr(validate, "pretrain_config_of", lambda p: {"model": {"encoder": "vit_tiny_patch16_224"}})
+    monkeypatch.setattr(checks, "pretrain_config_of", lambda p: {"model": {"encoder": "vit_tiny_patch16_224"}})
     monkeypatch.setattr("fastmim_ds.linprobe.resolve_tag_dir", lambda p: p)
     cfg = load_config(LinprobeCfg, None, [f"model.pretrained={tmp_path}", "model.kwargs={deth: 6}"])
     with pytest.raises(ConfigError, match="^model.kwargs: VisionTransformer .* 'deth' .*'depth'"):
@@ -411,7 +411,7 @@ def test_linprobe_classifier_kwargs_checked_against_the_pretrained_encoder(tmp_p
 
 
 def test_progressive_resolution_with_zero3_is_rejected_before_launch():
-    from fastmim_ds.validate import check_pretrain
+    from fastmim_ds.checks import check_pretrain
 
     repo = Path(__file__).resolve().parents[1]
     cfg = load_config(PretrainCfg, repo / "configs" / "imagenette_swin_fastmim_p.yaml",

@@ -6,9 +6,10 @@ import time
 
 import pytest
 import torch
+from conftest import FunctionLoop
 
 from fastmim_ds.config import OptimCfg, Resolved, TrainCfg
-from fastmim_ds.engine import LoopState, fit
+from fastmim_ds.loop import LoopState
 from fastmim_ds.metrics import MetricsWriter
 from fastmim_ds.optim import build_scheduler
 
@@ -51,7 +52,7 @@ def _run(tmp_path, delay: float) -> tuple[dict, list[dict]]:
     metrics = MetricsWriter(tmp_path / "metrics.jsonl", enabled=True)
     ends = []
 
-    def end_epoch(epoch: int, stats: dict) -> None:  # what pretrain.py / classify.py write
+    def end_epoch(epoch: int, stats: dict) -> None:  # what PretrainLoop / ClassifierLoop write
         ends.append(stats)
         metrics.write(epoch_end=epoch, data_wait_s=stats["data_wait_s"], data_wait_frac=stats["data_wait_frac"])
 
@@ -59,9 +60,9 @@ def _run(tmp_path, delay: float) -> tuple[dict, list[dict]]:
         time.sleep(0.01)  # some compute besides waiting
         return {"loss": torch.nn.functional.mse_loss(eng(x), y)}
 
-    fit(engine, state=LoopState(), epochs=1, begin_epoch=lambda e: (loader, 6), step_fn=step, scheduler=sched,
-        train=TrainCfg(log_every=2, ckpt_every=100), ckpt_dir=tmp_path / "ckpt", client_state=dict, metrics=metrics,
-        show_progress=False, end_epoch=end_epoch)
+    FunctionLoop(engine, loader=loader, updates=6, step_fn=step, end=end_epoch, state=LoopState(), scheduler=sched,
+                 train=TrainCfg(log_every=2, ckpt_every=100), ckpt_dir=tmp_path / "ckpt", metrics=metrics,
+                 show_progress=False).run(1)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     return ends[0], rows
 

@@ -9,10 +9,11 @@ import logging
 
 import pytest
 import torch
+from conftest import FunctionLoop
 
 from fastmim_ds.checkpoint import COMPLETE, complete_tags, find_resume, load, save
 from fastmim_ds.config import OptimCfg, Resolved, TrainCfg
-from fastmim_ds.engine import LoopState, TrainingDiverged, fit, train_one_epoch
+from fastmim_ds.loop import LoopState, TrainingDiverged, train_one_epoch
 from fastmim_ds.metrics import MetricsWriter
 from fastmim_ds.optim import build_scheduler
 from fastmim_ds.runtime import check_output_dir
@@ -125,10 +126,10 @@ def test_stop_request_checkpoints_exact_position_and_resume_restores_it(tmp_path
     loader = Batches(6)
     train = TrainCfg(epochs=2, keep_last=2, ckpt_every=1, log_every=1)
     calls = iter([False, False, False, True])
-    stats = fit(engine, state=state, epochs=2, begin_epoch=lambda e: (loader, 6), step_fn=_step_fn(set(), state),
-                scheduler=sched, train=train, ckpt_dir=tmp_path, client_state=lambda: {"note": "x"},
-                metrics=MetricsWriter(None, enabled=False), show_progress=False,
-                stop_requested=lambda: next(calls, False))
+    stats = FunctionLoop(engine, loader=loader, updates=6, step_fn=_step_fn(set(), state), client={"note": "x"},
+                         state=state, scheduler=sched, train=train, ckpt_dir=tmp_path,
+                         metrics=MetricsWriter(None, enabled=False), show_progress=False,
+                         stop_requested=lambda: next(calls, False)).run(2)
     assert stats["preempted"] and (state.epoch, state.update, state.global_step) == (0, 4, 4)
     assert [p.name for p in complete_tags(tmp_path)] == ["step00000004"]
     weights = _params(engine)
@@ -146,10 +147,10 @@ def test_stop_request_checkpoints_exact_position_and_resume_restores_it(tmp_path
     state2 = LoopState.from_client(client)
     seen = []
     loader2 = Batches(6)
-    stats = fit(engine2, state=state2, epochs=2, begin_epoch=lambda e: (loader2, 6),
-                step_fn=lambda eng, x, y: seen.append(x) or {"loss": torch.nn.functional.mse_loss(eng(x), y)},
-                scheduler=sched2, train=train, ckpt_dir=tmp_path, client_state=dict,
-                metrics=MetricsWriter(None, enabled=False), show_progress=False)
+    stats = FunctionLoop(engine2, loader=loader2, updates=6,
+                         step_fn=lambda eng, x, y: seen.append(x) or {"loss": torch.nn.functional.mse_loss(eng(x), y)},
+                         state=state2, scheduler=sched2, train=train, ckpt_dir=tmp_path,
+                         metrics=MetricsWriter(None, enabled=False), show_progress=False).run(2)
     assert not stats["preempted"] and (state2.epoch, state2.global_step) == (2, 12)
     assert len(seen) == 2 + 6 and torch.equal(seen[0], loader.data[4][0])
     assert [p.name for p in complete_tags(tmp_path)] == ["step00000006", "step00000012"]  # keep_last=2

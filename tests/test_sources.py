@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from conftest import IMAGENETTE, REPO, run_deepspeed
 
+from fastmim_ds.checks import check_finetune
 from fastmim_ds.cli import main as cli_main
 from fastmim_ds.config import ConfigError, FinetuneCfg, LinprobeCfg, load_config
 from fastmim_ds.data.convert import convert_source
 from fastmim_ds.data.sources import _draw_val, detect_source
-from fastmim_ds.validate import check_finetune
 
 WNIDS = ["n01440764", "n02102040", "n02979186"]
 NAMES = {"n01440764": "tench, Tinca tinca", "n02102040": "English springer, English springer spaniel",

@@ -12,8 +12,8 @@ import torch
 from conftest import REPO
 
 from fastmim_ds.checkpoint import read_client_state, save
+from fastmim_ds.checks import check_resume_compatible
 from fastmim_ds.config import ConfigError, PretrainCfg
-from fastmim_ds.validate import check_resume_compatible
 
 pytestmark = [pytest.mark.usefixtures("one_rank_group"), pytest.mark.timeout(300)]
 

@@ -12,7 +12,10 @@ live the fractional-epoch lr, skipped-step accounting, preemption, mid-epoch che
   with :class:`TrainingDiverged` after ``max_nonfinite`` in a row. ZeRO stage 0 applies NaN gradients, so there
   the first non-finite loss stops the run before its backward (weights stay clean).
 * ``stop_requested()`` is asked once per update (preemption: all ranks agree); the loop then returns early and
-  :func:`fit` checkpoints the exact position.
+  :meth:`Loop.run` checkpoints the exact position.
+
+:class:`Loop` is one run's epochs as one object; pre-training (:class:`fastmim_ds.pretrain.PretrainLoop`) and
+classifier runs (:class:`fastmim_ds.finetune.ClassifierLoop`) subclass it.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from .metrics import MetricsWriter, all_reduce_sum, progress
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoopState", "TrainingDiverged", "train_one_epoch", "fit", "evaluate"]
+__all__ = ["LoopState", "TrainingDiverged", "train_one_epoch", "Loop", "evaluate"]
 
 StepFn = Callable[[object, torch.Tensor, torch.Tensor], dict]
 
@@ -186,74 +189,100 @@ def train_one_epoch(
     }
 
 
-def fit(
-    engine,
-    *,
-    state: LoopState,
-    epochs: int,
-    begin_epoch: Callable[[int], tuple[object, int]],
-    step_fn: StepFn,
-    scheduler,
-    train: TrainCfg,
-    ckpt_dir: Path,
-    client_state: Callable[[], dict],
-    metrics: MetricsWriter,
-    show_progress: bool,
-    stop_requested: Callable[[], bool] = lambda: False,
-    end_epoch: Callable[[int, dict], None] | None = None,
-    last_checkpoint: Path | None = None,
-) -> dict:
-    """Trains from ``state`` to ``epochs``, checkpointing per ``train`` (epochs, steps, preemption).
+class Loop:
+    """The epochs of one training run, in plain sight: enter the epoch, run its steps, close it, checkpoint.
+
+    A task subclasses it and overrides what is its own: :meth:`step` (one forward, returning the loss),
+    :meth:`begin_epoch` (the loader and the number of optimizer steps; pre-training switches its FastMIM-P stage
+    there), :meth:`end_epoch` (evaluation, logging, pictures) and :meth:`client_state` (what checkpoints hold
+    besides the loop state). :meth:`run` does the rest: the per-update steps through :func:`train_one_epoch`,
+    mid-epoch checkpoints every ``train.ckpt_every_steps``, epoch checkpoints every ``train.ckpt_every`` epochs
+    and after the last, and the checkpoint of the exact position when ``stop_requested`` (SIGTERM) ends the run.
 
     Args:
-        begin_epoch: ``epoch -> (loader, updates_per_epoch)``; may switch resolution stage, engine batch sizes, lr.
-        client_state: extra checkpoint contents (config, ...); the loop state is added to it.
-        end_epoch: ``(epoch, stats) -> None`` after a finished epoch (evaluation, logging).
+        engine: the DeepSpeed engine.
+        state: where the run is (a fresh :class:`LoopState`, or the one a resumed checkpoint held).
+        scheduler: timm scheduler in epochs, stepped before every update.
+        train: the run's ``train`` config section (epochs, checkpoint cadence, logging, max_nonfinite).
+        ckpt_dir: ``<run>/ckpt``.
+        metrics: the run's ``metrics.jsonl`` writer.
+        show_progress: progress bar and epoch lines (rank 0).
+        stop_requested: asked after every update, the same answer on every rank (``runtime.Preemption``).
         last_checkpoint: the checkpoint resumed from (named when the run diverges).
-
-    Returns:
-        the last epoch's stats plus ``preempted`` (True when ``stop_requested`` ended the run; a checkpoint of the
-        exact position was written).
-
-    Raises:
-        TrainingDiverged: with the last good checkpoint in the message.
     """
-    last = {"path": last_checkpoint}
 
-    def checkpoint() -> None:
-        last["path"] = save(engine, ckpt_dir, tag=f"step{state.global_step:08d}",
-                            client_state={**client_state(), **state.to_client()}, keep_last=train.keep_last)
+    def __init__(self, engine, *, state: LoopState, scheduler, train: TrainCfg, ckpt_dir: Path,
+                 metrics: MetricsWriter, show_progress: bool, stop_requested: Callable[[], bool] = lambda: False,
+                 last_checkpoint: Path | None = None):
+        self.engine, self.state, self.scheduler, self.train = engine, state, scheduler, train
+        self.ckpt_dir, self.metrics, self.show_progress = ckpt_dir, metrics, show_progress
+        self.stop_requested, self.last_checkpoint = stop_requested, last_checkpoint
 
-    stats: dict = {}
-    while state.epoch < epochs:
-        loader, updates = begin_epoch(state.epoch)
-        loader.set_epoch(state.epoch, start_batch=state.update * engine.gradient_accumulation_steps())
+    # --------------------------------------------------------------------------------------- what a task defines
 
-        def on_update(st: LoopState) -> None:
-            if train.ckpt_every_steps and st.global_step % train.ckpt_every_steps == 0 and st.update < updates:
-                checkpoint()
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        """Forward of one micro batch (B, 3, H, W) + labels (B,): ``{"loss": scalar, ...}``."""
+        raise NotImplementedError
 
-        try:
-            stats = train_one_epoch(
-                engine, loader, step_fn, state=state, scheduler=scheduler, updates_per_epoch=updates,
-                log_every=train.log_every, metrics=metrics, show_progress=show_progress,
-                max_nonfinite=train.max_nonfinite, stop_requested=stop_requested, on_update=on_update,
-            )
-        except TrainingDiverged as e:
-            raise TrainingDiverged(f"{e}; last good checkpoint: {last['path'] or 'none'}") from None
-        if stats["stopped"]:
-            checkpoint()
-            logger.warning("stop requested (SIGTERM): saved %s at epoch %d, step %d; continue with --resume auto",
-                           last["path"], state.epoch, state.global_step)
-            return {**stats, "preempted": True}
-        epoch = state.epoch
-        if end_epoch is not None:
-            end_epoch(epoch, stats)
-        state.epoch, state.update = epoch + 1, 0
-        steps_due = train.ckpt_every_steps and state.global_step % train.ckpt_every_steps == 0
-        if state.epoch == epochs or state.epoch % train.ckpt_every == 0 or steps_due:
-            checkpoint()
-    return {**stats, "preempted": False}
+    def begin_epoch(self, epoch: int) -> tuple[object, int]:
+        """``(loader, optimizer steps in this epoch)``; may switch resolution stage, batch sizes and lr first."""
+        raise NotImplementedError
+
+    def end_epoch(self, epoch: int, stats: dict) -> None:
+        """After a finished epoch (``stats`` from :func:`train_one_epoch`): evaluation, logging."""
+
+    def client_state(self) -> dict:
+        """Checkpoint contents besides the loop state (config, classes, ...)."""
+        return {}
+
+    # --------------------------------------------------------------------------------------- the loop itself
+
+    def checkpoint(self) -> Path:
+        """Saves the exact position (every rank); returns the tag folder."""
+        self.last_checkpoint = save(self.engine, self.ckpt_dir, tag=f"step{self.state.global_step:08d}",
+                                    client_state={**self.client_state(), **self.state.to_client()},
+                                    keep_last=self.train.keep_last)
+        return self.last_checkpoint
+
+    def run(self, epochs: int) -> dict:
+        """Trains from ``self.state`` to ``epochs``.
+
+        Returns:
+            the last epoch's stats plus ``preempted`` (True when ``stop_requested`` ended the run; a checkpoint of
+            the exact position was written).
+
+        Raises:
+            TrainingDiverged: with the last good checkpoint in the message.
+        """
+        state, train, stats = self.state, self.train, {}
+        while state.epoch < epochs:
+            loader, updates = self.begin_epoch(state.epoch)
+            loader.set_epoch(state.epoch, start_batch=state.update * self.engine.gradient_accumulation_steps())
+
+            def mid_epoch_checkpoint(st: LoopState) -> None:
+                if train.ckpt_every_steps and st.global_step % train.ckpt_every_steps == 0 and st.update < updates:
+                    self.checkpoint()
+
+            try:
+                stats = train_one_epoch(
+                    self.engine, loader, lambda _engine, images, labels: self.step(images, labels), state=state,
+                    scheduler=self.scheduler, updates_per_epoch=updates, log_every=train.log_every,
+                    metrics=self.metrics, show_progress=self.show_progress, max_nonfinite=train.max_nonfinite,
+                    stop_requested=self.stop_requested, on_update=mid_epoch_checkpoint,
+                )
+            except TrainingDiverged as e:
+                raise TrainingDiverged(f"{e}; last good checkpoint: {self.last_checkpoint or 'none'}") from None
+            if stats["stopped"]:
+                self.checkpoint()
+                logger.warning("stop requested (SIGTERM): saved %s at epoch %d, step %d; continue with --resume "
+                               "auto", self.last_checkpoint, state.epoch, state.global_step)
+                return {**stats, "preempted": True}
+            self.end_epoch(state.epoch, stats)
+            state.epoch, state.update = state.epoch + 1, 0
+            steps_due = train.ckpt_every_steps and state.global_step % train.ckpt_every_steps == 0
+            if state.epoch == epochs or state.epoch % train.ckpt_every == 0 or steps_due:
+                self.checkpoint()
+        return {**stats, "preempted": False}
 
 
 @torch.no_grad()

@@ -181,3 +181,17 @@ def test_output_dir_problems_fail_before_training(tmp_path):
         check_output_dir(tmp_path / "ok", checkpoint_bytes=2**62, keep_last=1)
     check_output_dir(tmp_path / "ok", checkpoint_bytes=1, keep_last=1)
     assert list((tmp_path / "ok").iterdir()) == []  # the write probe is removed
+
+
+def test_cpu_ranks_leave_no_shared_memory_behind():
+    """DeepSpeed's CPU backend creates a ~69 MB /dev/shm all-reduce buffer per rank and never removes it; the
+    runtime unlinks it right after start-up (every rank has mapped it), and collectives keep working."""
+    from deepspeed.comm import comm as ds_comm
+
+    from fastmim_ds.runtime import shm_buffer_path
+
+    assert ds_comm.cdb.shm_comm_op is not None  # the shared-memory all-reduce was set up: its file existed
+    assert not shm_buffer_path().exists()
+    t = torch.full((3,), 2.0)
+    torch.distributed.all_reduce(t)
+    assert t.tolist() == [2.0, 2.0, 2.0]

@@ -19,8 +19,8 @@ from .config import PretrainCfg, Stage, dump_yaml, resolve, to_dict
 from .data.loaders import build_train_loader, dataset_labels
 from .ds_engine import build_ds_config, create_engine
 from .engine import LoopState, fit
+from .methods import create_mim_model
 from .metrics import MetricsWriter
-from .models import create_mim_model
 from .optim import build_optimizer, build_scheduler, set_lr_multiplier
 from .quality import QualityMonitor
 from .runtime import (
@@ -43,7 +43,7 @@ CKPT_BYTES_PER_PARAM = 18
 
 
 def run_name(cfg: PretrainCfg) -> str:
-    return f"{cfg.method}-{cfg.model.encoder}-{cfg.data.img_size}"
+    return f"{cfg.method.name}-{cfg.model.encoder}-{cfg.data.img_size}"
 
 
 def main(cfg: PretrainCfg, *, resume: str | None = None) -> dict:
@@ -62,7 +62,7 @@ def main(cfg: PretrainCfg, *, resume: str | None = None) -> dict:
     setup_logging(dist.rank, run_dir / "log.txt" if dist.is_main else None)
     seed_everything(cfg.train.seed + dist.rank)  # per-rank masks and drop-path differ, data order is seeded apart
 
-    model = create_mim_model(cfg.method, cfg.model, cfg.mask, cfg.data.img_size)
+    model = create_mim_model(cfg.method, cfg.model, cfg.data.img_size)
     n_params = sum(p.numel() for p in model.parameters())
     check_output_dir(ckpt_dir, checkpoint_bytes=n_params * CKPT_BYTES_PER_PARAM, keep_last=cfg.train.keep_last)
     logger.info("run %s | world %d | effective batch %d | lr %.3g (blr %.3g x %d / 256) | device %s",
@@ -93,10 +93,9 @@ def main(cfg: PretrainCfg, *, resume: str | None = None) -> dict:
         state = LoopState.from_client(load(engine, *found))
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=dist.is_main, monitor=engine.monitor,
                             trackers=build_trackers(cfg.train, run_dir, config=to_dict(cfg), enabled=dist.is_main))
-    vis = EpochVisualizer(cfg.vis, data_train=cfg.data.train, run_dir=run_dir, write=dist.is_main,
-                          hog_bins=cfg.model.hog_bins, hog_cell=cfg.model.hog_cell)
+    vis = EpochVisualizer(cfg.vis, data_train=cfg.data.train, run_dir=run_dir, write=dist.is_main)
 
-    quality = _quality_monitor(cfg, engine.module, dist)
+    quality = _quality_monitor(cfg, dist)
 
     def end_epoch(epoch: int, stats: dict) -> None:
         img_size = current["stage"].img_size
@@ -109,7 +108,7 @@ def main(cfg: PretrainCfg, *, resume: str | None = None) -> dict:
         if vis.due(epoch):  # every rank: ZeRO-3 gathers parameters collectively; rank 0 writes <run>/vis/
             vis(engine.module, epoch, current["stage"].img_size)
 
-    client = {"config": to_dict(cfg), "git_sha": git_sha(), "method": cfg.method}
+    client = {"config": to_dict(cfg), "git_sha": git_sha(), "method": cfg.method.name}
     try:
         stats = fit(
             engine, state=state, epochs=cfg.train.epochs, begin_epoch=begin_epoch,
@@ -124,7 +123,7 @@ def main(cfg: PretrainCfg, *, resume: str | None = None) -> dict:
     return {**stats, "run_dir": str(run_dir)}
 
 
-def _quality_monitor(cfg: PretrainCfg, model, dist) -> QualityMonitor | None:
+def _quality_monitor(cfg: PretrainCfg, dist) -> QualityMonitor | None:
     """The run's quality signals, or None when none is on or there is no val set to measure them on."""
     ev = cfg.eval
     if not (ev.skill_every or ev.knn_every):
@@ -132,12 +131,6 @@ def _quality_monitor(cfg: PretrainCfg, model, dist) -> QualityMonitor | None:
     if not Path(cfg.data.val).is_file():  # k-NN without a val set is refused before launch
         logger.warning("no val set at %s: reconstruction skill is not measured (set data.val)", cfg.data.val)
         return None
-    if ev.skill_every and not all(hasattr(model, a) for a in ("target", "stride", "mask_generator")):
-        logger.warning("%s: reconstruction skill needs a FastMIM-style model; not measured", cfg.method)
-        ev = dataclasses.replace(ev, skill_every=0)
-    if ev.knn_every and not hasattr(model, "adapter"):
-        logger.warning("%s: k-NN needs an encoder with an adapter; not measured", cfg.method)
-        ev = dataclasses.replace(ev, knn_every=0)
     classes = read_classes(cfg.data.train)
     num_classes = len(classes) or int(dataset_labels(cfg.data.train).max()) + 1
     return QualityMonitor(ev, train=cfg.data.train, val=cfg.data.val, num_classes=num_classes, rank=dist.rank,

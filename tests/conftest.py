@@ -15,6 +15,18 @@ def tiny_vit_cfg() -> PretrainCfg:
     return load_config(PretrainCfg, None, TINY_VIT_OVERRIDES)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch intra-op thread for a module's tests (restored after): tiny models gain nothing from more, and on
+    shared cores OpenMP spinning made a test file 10x slower. Use with ``pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------ real images (imagenette in ../shared)
 import os  # noqa: E402
 import subprocess  # noqa: E402

@@ -21,17 +21,19 @@ from fastmim_ds.export import (
     read_export_config,
     timm_call,
 )
-from fastmim_ds.models import create_mim_model
+from fastmim_ds.methods import create_mim_model
 from fastmim_ds.models.classifier import create_classifier
 
 pytestmark = [pytest.mark.usefixtures("one_rank_group"), pytest.mark.timeout(300)]
 
 TINY_VIT = ["model.encoder_kwargs={embed_dim: 64, depth: 2, num_heads: 2}", "data.img_size=64"]
-TINY_SWIN = ["model.encoder=swin_tiny_patch4_window7_224", "data.img_size=128", "mask.block_size=32",
+TINY_SWIN = ["model.encoder=swin_tiny_patch4_window7_224", "data.img_size=128", "method.block_size=32",
              "model.encoder_kwargs={embed_dim: 32, depths: [1, 1, 2, 1], num_heads: [1, 2, 2, 4], window_size: 4}",
-             "model.decoder_dim=64"]
-TINY_MIXMIM = ["method=mixmim", "model.encoder=mixmim_tiny_test", "data.img_size=64", "mask.block_size=32",
-               "mask.ratio=0.5", "model.target=pixel", "model.decoder_dim=32", "model.decoder_depth=1"]
+             "method.decoder_dim=64"]
+TINY_MIXMIM = ["method.name=mixmim", "model.encoder=mixmim_tiny_test", "data.img_size=64", "method.mask_ratio=0.5",
+               "method.target=pixel", "method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=1"]
+TINY_MAE = [*TINY_VIT, "method.name=mae", "method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=1"]
+TINY_SIMMIM = [*TINY_VIT, "method.name=simmim", "method.block_size=16"]
 CLASSES = ["cat", "dog", "emu"]
 # ZeRO-3 keeps parameters below 1e5 elements whole on every rank by default: a tiny model would not be partitioned
 ZERO3_ALL_PARTITIONED = {"stage": 3, "stage3_param_persistence_threshold": 0}
@@ -62,9 +64,9 @@ def pretrain_run(tmp_path: Path, overrides: list[str]) -> tuple[PretrainCfg, tor
     """A pre-training run folder ``tmp_path/run`` with one ZeRO-2 checkpoint; returns (cfg, trained MIM model, run)."""
     cfg = load_config(PretrainCfg, None, overrides)
     torch.manual_seed(0)
-    mim = create_mim_model(cfg.method, cfg.model, cfg.mask, cfg.data.img_size)
+    mim = create_mim_model(cfg.method, cfg.model, cfg.data.img_size)
     run = tmp_path / "run"
-    engine = save_with_engine(mim, run / "ckpt", {"config": to_dict(cfg), "method": cfg.method},
+    engine = save_with_engine(mim, run / "ckpt", {"config": to_dict(cfg), "method": cfg.method.name},
                               img_size=cfg.data.img_size)
     return cfg, engine.module.eval(), run
 
@@ -89,7 +91,9 @@ def _images(size: int, n: int = 2) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(3))
 
 
-@pytest.mark.parametrize("overrides, family", [(TINY_VIT, "vit"), (TINY_SWIN, "swin"), (TINY_MIXMIM, "mixmim")])
+@pytest.mark.parametrize("overrides, family", [(TINY_VIT, "vit"), (TINY_SWIN, "swin"), (TINY_MIXMIM, "mixmim"),
+                                               (TINY_MAE, "vit"), (TINY_SIMMIM, "vit")],
+                         ids=["fastmim-vit", "fastmim-swin", "mixmim", "mae-vit", "simmim-vit"])
 def test_pretrain_export_loads_in_plain_timm_with_equal_features(tmp_path, overrides, family):
     cfg, mim, run = pretrain_run(tmp_path, overrides)
     out = tmp_path / "model.safetensors"
@@ -232,11 +236,11 @@ def test_zero3_checkpoint_exports_the_trained_weights_and_resumes_the_same_step(
     from fastmim_ds.checkpoint import load
 
     cfg = load_config(PretrainCfg, None, TINY_VIT)
-    client = {"config": to_dict(cfg), "method": cfg.method}
+    client = {"config": to_dict(cfg), "method": cfg.method.name}
 
     def fresh():
         torch.manual_seed(0)
-        return create_mim_model(cfg.method, cfg.model, cfg.mask, cfg.data.img_size)
+        return create_mim_model(cfg.method, cfg.model, cfg.data.img_size)
 
     init = fresh().encoder.state_dict()
     run = tmp_path / "run"

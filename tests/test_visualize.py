@@ -9,7 +9,7 @@ from PIL import Image
 
 from fastmim_ds.config import PretrainCfg, VisCfg, load_config
 from fastmim_ds.masking import upsample_mask
-from fastmim_ds.models import create_mim_model
+from fastmim_ds.methods import create_mim_model
 from fastmim_ds.targets import HOGTarget, patchify
 from fastmim_ds.visualize import (
     EpochVisualizer,
@@ -43,7 +43,7 @@ def image_dir(tmp_path_factory):
 def _model(overrides: list[str]):
     cfg = load_config(PretrainCfg, None, overrides)
     torch.manual_seed(0)
-    return create_mim_model(cfg.method, cfg.model, cfg.mask, cfg.data.img_size), cfg
+    return create_mim_model(cfg.method, cfg.model, cfg.data.img_size), cfg
 
 
 def test_unpatchify_inverts_patchify():
@@ -107,7 +107,7 @@ def test_fastmim_masked_input_uses_the_learned_colour_and_same_seed_same_mask(im
 
 
 def test_pixel_target_unnormalised_with_patch_statistics(image_dir):
-    model, _ = _model([*TINY_VIT, "model.target=pixel"])
+    model, _ = _model([*TINY_VIT, "method.target=pixel"])
     imgs, _ = load_images(image_dir, 64, limit=2)
     rec = reconstruct(model, imgs, seed=0)
     assert rec.kind == "pixel"

@@ -27,13 +27,15 @@ import timm
 import torch
 import torch.nn as nn
 from timm.layers import build_sincos2d_pos_embed, ndgrid, resample_abs_pos_embed
-from timm.models import is_model_in_modules
+from timm.models import checkpoint_seq, is_model_in_modules
 from timm.models import pvt_v2 as timm_pvt_v2
 from timm.models import swin_transformer as timm_swin
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EncoderAdapter", "ViTAdapter", "SwinAdapter", "PVTv2Adapter", "ADAPTERS", "adapter_for"]
+__all__ = [
+    "EncoderAdapter", "ViTAdapter", "SwinAdapter", "PVTv2Adapter", "ADAPTERS", "adapter_for", "truncate_blocks",
+]
 
 
 class EncoderAdapter(Protocol):
@@ -70,6 +72,14 @@ class EncoderAdapter(Protocol):
     def forward_tokens(self, encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(B, 3, H, W) -> ((B, P + N, C) tokens, P prefix tokens); N row-major on the stride grid."""
 
+    def embed(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, H / p, W / p, C0) patch embeddings of the stem (patch side p), before any position
+        embedding or prefix token. ``forward_embedded(encoder, embed(encoder, x)) == forward_tokens(encoder, x)``;
+        a method that masks in token space (SimMIM) replaces embeddings in between."""
+
+    def forward_embedded(self, encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The rest of :meth:`forward_tokens` after :meth:`embed`: (B, h, w, C0) -> ((B, P + N, C), P)."""
+
     def no_weight_decay(self, encoder: nn.Module) -> set[str]:
         """Parameter names (relative to the encoder) excluded from weight decay besides 1-D params."""
 
@@ -91,7 +101,7 @@ def _sizes_that_work(fits: Callable[[int], bool], step: int, upto: int) -> str:
     return ", ".join(map(str, sizes)) if sizes else f"none up to {upto}"
 
 
-def _truncate_blocks(block_lists: Sequence[tuple[str, nn.Module]], num_blocks: int) -> list[str]:
+def truncate_blocks(block_lists: Sequence[tuple[str, nn.Module]], num_blocks: int) -> list[str]:
     """Deletes every block after the first ``num_blocks`` of ``[(prefix, nn.Sequential | nn.ModuleList)]``.
 
     Returns the removed blocks' name prefixes (``f"{prefix}{index}."``) in order.
@@ -128,6 +138,9 @@ class _TimmAdapter:
 
     def set_img_size(self, encoder: nn.Module, img_size: int) -> None:
         self.check_img_size(encoder, img_size)
+
+    def embed(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return encoder.patch_embed(x)  # NHWC in every family here (ViT: built with dynamic_img_size)
 
     def create_classifier(
         self, name: str, *, img_size: int, num_classes: int, drop_path: float, global_pool: str, **kwargs
@@ -205,11 +218,20 @@ class ViTAdapter(_TimmAdapter):
             encoder.pos_embed.data = _sincos_pos_embed(encoder).to(encoder.pos_embed)
 
     def truncate(self, encoder: nn.Module, num_blocks: int) -> list[str]:
-        return _truncate_blocks([("blocks.", encoder.blocks)], num_blocks)
+        return truncate_blocks([("blocks.", encoder.blocks)], num_blocks)
 
     def forward_tokens(self, encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         tokens = encoder.forward_features(x)  # (B, P + N, C), final norm is Identity with global_pool='avg'
         return encoder.fc_norm(tokens), encoder.num_prefix_tokens
+
+    def forward_embedded(self, encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        # timm VisionTransformer.forward_features after its patch_embed
+        x = encoder.norm_pre(encoder.patch_drop(encoder._pos_embed(x)))
+        if encoder.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(encoder.blocks, x)
+        else:
+            x = encoder.blocks(x)
+        return encoder.fc_norm(encoder.norm(x)), encoder.num_prefix_tokens
 
     def adapt_state_dict(self, state: dict[str, torch.Tensor], classifier: nn.Module) -> dict[str, torch.Tensor]:
         state = dict(state)
@@ -275,6 +297,7 @@ class _HierarchicalAdapter(_TimmAdapter):
     family: str
     stages_attr: str
     channels_last: bool
+    final_norm: bool  # forward_features ends with encoder.norm (Swin) or with the stages (PVTv2)
     checkpoint_filter: Callable[[dict, nn.Module], dict]
 
     def _stages(self, model: nn.Module) -> nn.Sequential:
@@ -298,13 +321,20 @@ class _HierarchicalAdapter(_TimmAdapter):
 
     def truncate(self, encoder: nn.Module, num_blocks: int) -> list[str]:
         stages = self._stages(encoder)
-        return _truncate_blocks([(f"{self.stages_attr}.{i}.blocks.", s.blocks) for i, s in enumerate(stages)],
+        return truncate_blocks([(f"{self.stages_attr}.{i}.blocks.", s.blocks) for i, s in enumerate(stages)],
                                 num_blocks)
 
     def forward_tokens(self, encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        feats = encoder.forward_features(x)  # (B, h, w, C) or (B, C, h, w), last stage normalised
-        tokens = feats.flatten(1, 2) if self.channels_last else feats.flatten(2).transpose(1, 2)
-        return tokens, 0  # (B, N, C)
+        return self._tokens(encoder.forward_features(x)), 0  # (B, N, C)
+
+    def _tokens(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, C) or (B, C, h, w) last-stage features -> (B, N, C)."""
+        return feats.flatten(1, 2) if self.channels_last else feats.flatten(2).transpose(1, 2)
+
+    def forward_embedded(self, encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        # timm SwinTransformer / PyramidVisionTransformerV2.forward_features after the patch_embed
+        feats = self._stages(encoder)(x)
+        return self._tokens(encoder.norm(feats) if self.final_norm else feats), 0
 
     def _check_classifier(self, model: nn.Module, img_size: int) -> None:
         """Raises ValueError when the classifier cannot take ``img_size`` (PVTv2 takes any size)."""
@@ -381,6 +411,7 @@ class SwinAdapter(_HierarchicalAdapter):
     family = "swin"
     stages_attr = "layers"
     channels_last = True
+    final_norm = True
     checkpoint_filter = staticmethod(timm_swin.checkpoint_filter_fn)
 
     def _windows_at(self, encoder: nn.Module, img_size: int) -> tuple[list[int], str]:
@@ -440,11 +471,18 @@ class SwinAdapter(_HierarchicalAdapter):
                            "table edge (build the encoder at the largest image size)",
                            w, img_size, table_w, table_w - 1)
 
-    def forward_tokens(self, encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def _check_input(self, encoder: nn.Module, x: torch.Tensor) -> None:
         if tuple(x.shape[-2:]) != tuple(encoder.patch_embed.img_size):
             raise ValueError(f"input {tuple(x.shape[-2:])} px but the Swin encoder is set up for "
                              f"{tuple(encoder.patch_embed.img_size)}: call set_img_size({x.shape[-1]}) first")
+
+    def forward_tokens(self, encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        self._check_input(encoder, x)
         return super().forward_tokens(encoder, x)
+
+    def embed(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(encoder, x)
+        return super().embed(encoder, x)
 
     def _check_classifier(self, model: nn.Module, img_size: int) -> None:
         _, problem = self._windows_at(model, img_size)
@@ -473,6 +511,7 @@ class PVTv2Adapter(_HierarchicalAdapter):
     family = "pvt_v2"
     stages_attr = "stages"
     channels_last = False
+    final_norm = False
     checkpoint_filter = staticmethod(timm_pvt_v2.checkpoint_filter_fn)
 
     def _size_kwargs(self, img_size: int) -> dict:

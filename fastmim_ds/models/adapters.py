@@ -1,6 +1,6 @@
-"""Per-family encoder adapters: a timm backbone, seen by the MIM wrapper as image -> tokens.
+"""Per-family encoder adapters: a timm backbone, seen by the MIM methods as image -> tokens.
 
-The MIM logic (masking, mask token, decoder, target, loss) lives once in :mod:`fastmim_ds.models.mim`.
+The MIM logic (masking, mask token, decoder, target, loss) lives once per method in :mod:`fastmim_ds.methods`.
 An adapter only knows how one timm model family is built for pre-training, turns a (masked) image into its
 final-stage tokens, follows an image-size change between epochs (FastMIM-P), drops trailing blocks
 (FastMIM finding ii) and maps pre-trained weights into the same family's classifier. Adding a backbone

@@ -98,18 +98,20 @@ FAMILIES: dict[str, dict] = {
         },
     },
 }
-# --tiny: the same methods and sizes on 2-block 64-d encoders (FastMIM's decoder 64-d)
+# --tiny: the same methods and sizes on 2-block 64-d encoders and 64-d x 1 decoders
 TINY_ENCODERS = {"vit": {"embed_dim": 64, "depth": 2, "num_heads": 2},
                  "swin": {"embed_dim": 32, "depths": [1, 1, 2, 1], "num_heads": [1, 2, 2, 4]}}
+TINY_DECODER = {"decoder_dim": 64, "decoder_depth": 1, "decoder_heads": 2}
 
 
 def use_tiny_encoders() -> None:
-    """Shrinks every encoder of :data:`FAMILIES` to its :data:`TINY_ENCODERS` preset, in place (a smoke run)."""
+    """Shrinks every model of :data:`FAMILIES` to its :data:`TINY_ENCODERS` preset (and the methods' decoders to
+    :data:`TINY_DECODER`), in place: a smoke run."""
     for name, fam in FAMILIES.items():
         for method, (method_cfg, model_cfg, size) in fam["methods"].items():
             small = dataclasses.replace(model_cfg, encoder_kwargs={**model_cfg.encoder_kwargs, **TINY_ENCODERS[name]})
-            if isinstance(method_cfg, FastMIMCfg):
-                method_cfg = dataclasses.replace(method_cfg, decoder_dim=64)
+            method_cfg = dataclasses.replace(method_cfg, **{k: v for k, v in TINY_DECODER.items()
+                                                            if hasattr(method_cfg, k)})
             fam["methods"][method] = (method_cfg, small, size)
 
 

@@ -32,8 +32,9 @@ from benchmarks.common import (
     train_step,
     write_result,
 )
-from fastmim_ds.config import MaskCfg, MIMModelCfg, OptimCfg, Resolved, TrainCfg
-from fastmim_ds.models import create_mim_model
+from fastmim_ds.config import MIMModelCfg, OptimCfg, Resolved, TrainCfg
+from fastmim_ds.methods import create_mim_model
+from fastmim_ds.methods.fastmim import FastMIMCfg
 
 logger = logging.getLogger("bench_compile")
 
@@ -44,10 +45,10 @@ def _engine(*, tiny: bool, img_size: int, device: torch.device, dtype: str, batc
     from fastmim_ds.ds_engine import build_ds_config, create_engine
     from fastmim_ds.optim import build_optimizer
 
-    cfg = (MIMModelCfg(encoder_kwargs=TINY_VIT["encoder_kwargs"], decoder_dim=TINY_VIT["decoder_dim"])
-           if tiny else MIMModelCfg(decoder_dim=256, decoder_depth=1))
+    cfg = MIMModelCfg(encoder_kwargs=TINY_VIT["encoder_kwargs"]) if tiny else MIMModelCfg()
+    method = FastMIMCfg(block_size=16, decoder_dim=TINY_VIT["decoder_dim"] if tiny else 256, decoder_depth=1)
     torch.manual_seed(0)
-    model = create_mim_model("fastmim", cfg, MaskCfg(ratio=0.75, block_size=16), img_size).to(device)
+    model = create_mim_model(method, cfg, img_size).to(device)
     optim = OptimCfg()
     derived = Resolved(world_size=1, eff_batch=batch, lr=optim.blr * batch / 256, min_lr=0.0)
     train = TrainCfg(micro_batch=batch, ds_config=str(REPO / DS_CONFIGS[dtype]))

@@ -45,33 +45,32 @@ from benchmarks.common import (
     train_step,
     write_result,
 )
-from fastmim_ds.config import MaskCfg, MIMModelCfg
-from fastmim_ds.models import create_mim_model
+from fastmim_ds.config import MIMModelCfg
+from fastmim_ds.methods import create_mim_model
+from fastmim_ds.methods.fastmim import FastMIMCfg
+from fastmim_ds.methods.mixmim import MixMIMCfg
 
 logger = logging.getLogger("bench_gradckpt")
 
-# family -> (method, model config, mask config, image size); the product's recipes (bench_step for ViT-B, Swin-B)
+# family -> (method config, model config, image size); the product's recipes (bench_step for ViT-B, Swin-B)
 FAMILIES = {
-    "vit": ("fastmim", MIMModelCfg(encoder="vit_base_patch16_224", decoder_dim=256, decoder_depth=1),
-            MaskCfg(ratio=0.75, block_size=16), 128),
-    "swin": ("fastmim", MIMModelCfg(encoder="swin_base_patch4_window7_224", encoder_kwargs={"window_size": 4},
-                                    decoder_dim=256, decoder_depth=4), MaskCfg(ratio=0.75, block_size=32), 128),
-    "pvt_v2": ("fastmim", MIMModelCfg(encoder="pvt_v2_b2", decoder_dim=256, decoder_depth=4),
-               MaskCfg(ratio=0.75, block_size=32), 128),
-    "mixmim": ("mixmim", MIMModelCfg(encoder="mixmim_base", decoder_dim=512, decoder_depth=8, decoder_heads=16,
-                                     target="pixel"), MaskCfg(ratio=0.5, block_size=32), 224),
+    "vit": (FastMIMCfg(block_size=16, decoder_dim=256, decoder_depth=1), MIMModelCfg(encoder="vit_base_patch16_224"),
+            128),
+    "swin": (FastMIMCfg(block_size=32, decoder_dim=256, decoder_depth=4),
+             MIMModelCfg(encoder="swin_base_patch4_window7_224", encoder_kwargs={"window_size": 4}), 128),
+    "pvt_v2": (FastMIMCfg(block_size=32, decoder_dim=256, decoder_depth=4), MIMModelCfg(encoder="pvt_v2_b2"), 128),
+    "mixmim": (MixMIMCfg(), MIMModelCfg(encoder="mixmim_base"), 224),
 }
 TINY = {  # --tiny: the test presets (tests/test_compile_checkpointing.py)
-    "vit": ("fastmim", MIMModelCfg(encoder_kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2}, decoder_dim=32),
-            MaskCfg(ratio=0.75, block_size=16), 64),
-    "swin": ("fastmim", MIMModelCfg(encoder="swin_tiny_patch4_window7_224", decoder_dim=32, encoder_kwargs={
-        "embed_dim": 32, "depths": [1, 1, 2, 1], "num_heads": [1, 2, 2, 4], "window_size": 4}),
-        MaskCfg(ratio=0.75, block_size=32), 128),
-    "pvt_v2": ("fastmim", MIMModelCfg(encoder="pvt_v2_b2", decoder_dim=32, encoder_kwargs={
-        "embed_dims": [16, 32, 32, 64], "depths": [1, 1, 1, 1], "num_heads": [1, 2, 2, 4]}),
-        MaskCfg(ratio=0.75, block_size=32), 64),
-    "mixmim": ("mixmim", MIMModelCfg(encoder="mixmim_tiny_test", decoder_dim=32, decoder_depth=1, decoder_heads=1,
-                                     target="pixel"), MaskCfg(ratio=0.5, block_size=32), 64),
+    "vit": (FastMIMCfg(block_size=16, decoder_dim=32), MIMModelCfg(encoder_kwargs={"embed_dim": 32, "depth": 2,
+                                                                                   "num_heads": 2}), 64),
+    "swin": (FastMIMCfg(block_size=32, decoder_dim=32), MIMModelCfg(
+        encoder="swin_tiny_patch4_window7_224",
+        encoder_kwargs={"embed_dim": 32, "depths": [1, 1, 2, 1], "num_heads": [1, 2, 2, 4], "window_size": 4}), 128),
+    "pvt_v2": (FastMIMCfg(block_size=32, decoder_dim=32), MIMModelCfg(encoder="pvt_v2_b2", encoder_kwargs={
+        "embed_dims": [16, 32, 32, 64], "depths": [1, 1, 1, 1], "num_heads": [1, 2, 2, 4]}), 64),
+    "mixmim": (MixMIMCfg(decoder_dim=32, decoder_depth=1, decoder_heads=1), MIMModelCfg(encoder="mixmim_tiny_test"),
+               64),
 }
 
 
@@ -85,10 +84,10 @@ def run_part(family: str, on: bool, *, tiny: bool, device: torch.device, dtype: 
     """One (backbone, setting) in this process: peak memory of the first step, then the best step time."""
     import dataclasses
 
-    method, model_cfg, mask, img_size = (TINY if tiny else FAMILIES)[family]
+    method, model_cfg, img_size = (TINY if tiny else FAMILIES)[family]
     model_cfg = dataclasses.replace(model_cfg, grad_checkpointing=on)
     torch.manual_seed(0)
-    model = create_mim_model(method, model_cfg, mask, img_size)
+    model = create_mim_model(method, model_cfg, img_size)
     engine = build_engine(model.to(device), dtype=dtype, micro_batch=batch)
     imgs = random_images(batch, img_size, device)
     first = timed(lambda: train_step(engine, imgs), device)  # allocates optimizer states and gradient buffers

@@ -39,10 +39,11 @@ from benchmarks.common import (
     sync,
     write_result,
 )
-from fastmim_ds.config import MaskCfg, MIMModelCfg
+from fastmim_ds.config import MIMModelCfg
 from fastmim_ds.loop import LoopState, train_one_epoch
+from fastmim_ds.methods import create_mim_model
+from fastmim_ds.methods.fastmim import FastMIMCfg
 from fastmim_ds.metrics import MetricsWriter
-from fastmim_ds.models import create_mim_model
 
 logger = logging.getLogger("bench_input")
 
@@ -107,10 +108,10 @@ def main() -> None:
         args.beton = ensure_beton(SOURCE, CACHE)
     info = machine_info(device)
 
-    model_cfg = (MIMModelCfg(encoder_kwargs=TINY_VIT["encoder_kwargs"], decoder_dim=TINY_VIT["decoder_dim"])
-                 if args.tiny else MIMModelCfg(decoder_dim=256, decoder_depth=1))
+    model_cfg = MIMModelCfg(encoder_kwargs=TINY_VIT["encoder_kwargs"]) if args.tiny else MIMModelCfg()
+    method = FastMIMCfg(block_size=16, decoder_dim=TINY_VIT["decoder_dim"] if args.tiny else 256, decoder_depth=1)
     torch.manual_seed(0)
-    model = create_mim_model("fastmim", model_cfg, MaskCfg(ratio=0.75, block_size=16), img_size)
+    model = create_mim_model(method, model_cfg, img_size)
     engine = build_engine(model.to(device), dtype=dtype, micro_batch=batch)
 
     from fastmim_ds.data.loaders import build_train_loader

@@ -1,11 +1,11 @@
 """Scaling curve (issue 6, part 5): FastMIM ViT-B/16 step time vs image size and vs batch size.
 
-The product's model and engine (``create_mim_model("fastmim", ...)``, ZeRO-2 config of ``--dtype``); the image size
-changes between points as FastMIM-P changes it between stages (``model.set_img_size``: position table regenerated for
-the new grid). Sizes 64, 96, ..., 224 px at a fixed batch, then batch sizes at 128 px. Every point is timed in two
-sweeps, the second in reverse order, so a drift in machine load does not tilt the curve; the faster of the two is
-reported (load from other jobs only slows a step down) with the model FLOPs per image (``torch.utils.flop_counter``)
-and the achieved FLOP/s.
+The product's model and engine (FastMIM from ``fastmim_ds.methods.create_mim_model``, ZeRO-2 config of ``--dtype``);
+the image size changes between points as FastMIM-P changes it between stages (``model.set_img_size``: position
+table regenerated for the new grid). Sizes 64, 96, ..., 224 px at a fixed batch, then batch sizes at 128 px. Every
+point is timed in two sweeps, the second in reverse order, so a drift in machine load does not tilt the curve; the
+faster of the two is reported (load from other jobs only slows a step down) with the model FLOPs per image
+(``torch.utils.flop_counter``) and the achieved FLOP/s.
 
 Usage: ``python -m benchmarks.bench_scaling [--device cuda] [--sizes ...] [--batches ...]``.
 Writes ``benchmarks/results/<device>/scaling.json``.
@@ -29,18 +29,19 @@ from benchmarks.common import (
     train_step,
     write_result,
 )
-from fastmim_ds.config import MaskCfg, MIMModelCfg
-from fastmim_ds.models import create_mim_model
+from fastmim_ds.config import MIMModelCfg
+from fastmim_ds.methods import create_mim_model
+from fastmim_ds.methods.fastmim import FastMIMCfg
 
 logger = logging.getLogger("bench_scaling")
 
-MODEL = MIMModelCfg(encoder="vit_base_patch16_224", decoder_dim=256, decoder_depth=1)  # FastMIM ViT-B recipe
-MASK = MaskCfg(ratio=0.75, block_size=16)
+MODEL = MIMModelCfg(encoder="vit_base_patch16_224")  # FastMIM ViT-B recipe
+METHOD = FastMIMCfg(mask_ratio=0.75, block_size=16, decoder_dim=256, decoder_depth=1)
 
 
 def _flops_per_img(sizes: list[int]) -> dict[int, float]:
     """Forward + backward model FLOPs per image at each size (a separate CPU copy: the engine's hooks stay idle)."""
-    model = create_mim_model("fastmim", MODEL, MASK, 128)
+    model = create_mim_model(METHOD, MODEL, 128)
     out = {}
     for s in sizes:
         model.set_img_size(s)
@@ -70,7 +71,7 @@ def main() -> None:
     flops = _flops_per_img(sorted({s for _, s, _ in points}))
 
     torch.manual_seed(0)
-    model = create_mim_model("fastmim", MODEL, MASK, 128)
+    model = create_mim_model(METHOD, MODEL, 128)
     engine = build_engine(model.to(device), dtype=dtype, micro_batch=size_batch)
     times: dict[int, list[float]] = {i: [] for i in range(len(points))}
     for sweep, order in enumerate((range(len(points)), reversed(range(len(points))))):

@@ -1,12 +1,15 @@
-"""Pre-training step cost (issue 6, parts 2 and 3): FastMIM vs SimMIM-style vs MAE-style on the same backbone.
+"""Pre-training step cost (issue 6, parts 2 and 3): FastMIM vs SimMIM vs MAE on the same backbone.
 
 One optimizer step = forward + ``engine.backward`` + ``engine.step`` under the same DeepSpeed engine config
 (``ds_configs/zero2_fp32.json`` on CPU, ``zero2_bf16.json`` on GPU; AdamW groups from ``fastmim_ds.optim``), on
 random normalised images already on the device (the loader is benchmarked separately):
 
-* FastMIM (the product, ``fastmim_ds.models.create_mim_model("fastmim", ...)``) at 128 px, HOG target;
-* SimMIM-style at 224 px (C-dim mask token, all tokens encoded, pixel head, L1), :mod:`benchmarks.baselines`;
-* MAE-style at 224 px (25% visible tokens encoded, 8 x 512-d decoder, norm-pix MSE); ViT only.
+* FastMIM (``fastmim_ds.methods.fastmim``) at 128 px, HOG target, its released recipe;
+* SimMIM (``fastmim_ds.methods.simmim``) at 224 px (C-dim mask token, all tokens encoded, pixel head, L1);
+* MAE (``fastmim_ds.methods.mae``) at 224 px (25% visible tokens encoded, 8 x 512-d decoder, norm-pix MSE); ViT only.
+
+All three are the product's methods (``fastmim_ds.methods.create_mim_model``), each with its config section's
+defaults (its paper's recipe) unless noted in :data:`FAMILIES`.
 
 Per family (ViT-B/16; Swin-B) the methods run interleaved, round after round (A, B, C, A, B, C, ...), so a load
 change on a shared machine hits all of them alike. Each method's best round is reported (load from other jobs only
@@ -25,12 +28,14 @@ Also measured in the same run:
   cost. The per-image ratio is the images/s ratio at pre-training batch sizes (128-256 per GPU), where the fixed
   cost is spread over many more images than a CPU benchmark can afford.
 
-Usage: ``python -m benchmarks.bench_step [--device cuda] [--families vit swin] [--batch N] [--rounds R]``.
-Writes ``benchmarks/results/<device>/step.json``.
+Usage: ``python -m benchmarks.bench_step [--device cuda] [--families vit swin] [--batch N] [--rounds R] [--tiny]``
+(``--tiny``: the same methods on 2-block 64-d encoders, a smoke run).
+Writes ``benchmarks/results/<device>/step.json`` (``--out`` elsewhere).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -42,7 +47,6 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.baselines import create_baseline
 from benchmarks.common import (
     DS_CONFIGS,
     DTYPES,
@@ -61,29 +65,54 @@ from benchmarks.common import (
     train_step,
     write_result,
 )
-from fastmim_ds.config import MaskCfg, MIMModelCfg
-from fastmim_ds.models import create_mim_model
+from fastmim_ds.config import MIMModelCfg
+from fastmim_ds.methods import create_mim_model
+from fastmim_ds.methods.fastmim import FastMIMCfg
+from fastmim_ds.methods.mae import MAECfg
+from fastmim_ds.methods.simmim import SimMIMCfg
 
 logger = logging.getLogger("bench_step")
 
-# Per family: the encoder, FastMIM's released recipe (METHODS.md 1.1) and the baselines' resolution/kwargs.
-FAMILIES = {
+VIT_B, SWIN_B = "vit_base_patch16_224", "swin_base_patch4_window7_224"
+# Per family: method -> (its config section, the encoder, image size). FastMIM: the released recipe (docs/methods.md §1.1)
+# at 128 px; SimMIM and MAE: their papers' recipes (the sections' defaults) at 224 px. "fastmim" comes first: the
+# ratios are taken against it.
+FAMILIES: dict[str, dict] = {
     "vit": {
         "label": "ViT-B/16",
-        "encoder": "vit_base_patch16_224",
-        "fastmim": {"model": MIMModelCfg(encoder="vit_base_patch16_224", decoder_dim=256, decoder_depth=1),
-                    "mask": MaskCfg(ratio=0.75, block_size=16), "img_size": 128},
-        "baselines": {"simmim": {"img_size": 224, "kwargs": {}}, "mae": {"img_size": 224, "kwargs": {}}},
+        "encoder": VIT_B,
+        "methods": {
+            "fastmim": (FastMIMCfg(mask_ratio=0.75, block_size=16, decoder_dim=256, decoder_depth=1),
+                        MIMModelCfg(encoder=VIT_B), 128),
+            "simmim": (SimMIMCfg(), MIMModelCfg(encoder=VIT_B), 224),
+            "mae": (MAECfg(), MIMModelCfg(encoder=VIT_B), 224),
+        },
     },
     "swin": {
         "label": "Swin-B (window 4 at 128 px, 7 at 224 px)",
-        "encoder": "swin_base_patch4_window7_224",
-        "fastmim": {"model": MIMModelCfg(encoder="swin_base_patch4_window7_224", encoder_kwargs={"window_size": 4},
-                                         decoder_dim=256, decoder_depth=4),
-                    "mask": MaskCfg(ratio=0.75, block_size=32), "img_size": 128},
-        "baselines": {"simmim": {"img_size": 224, "kwargs": {}}},
+        "encoder": SWIN_B,
+        "methods": {
+            "fastmim": (FastMIMCfg(mask_ratio=0.75, block_size=32, decoder_dim=256, decoder_depth=4),
+                        MIMModelCfg(encoder=SWIN_B, encoder_kwargs={"window_size": 4}), 128),
+            "simmim": (SimMIMCfg(), MIMModelCfg(encoder=SWIN_B), 224),  # MAE drops tokens: ViT only
+        },
     },
 }
+# --tiny: the same methods and sizes on 2-block 64-d encoders and 64-d x 1 decoders
+TINY_ENCODERS = {"vit": {"embed_dim": 64, "depth": 2, "num_heads": 2},
+                 "swin": {"embed_dim": 32, "depths": [1, 1, 2, 1], "num_heads": [1, 2, 2, 4]}}
+TINY_DECODER = {"decoder_dim": 64, "decoder_depth": 1, "decoder_heads": 2}
+
+
+def use_tiny_encoders() -> None:
+    """Shrinks every model of :data:`FAMILIES` to its :data:`TINY_ENCODERS` preset (and the methods' decoders to
+    :data:`TINY_DECODER`), in place: a smoke run."""
+    for name, fam in FAMILIES.items():
+        for method, (method_cfg, model_cfg, size) in fam["methods"].items():
+            small = dataclasses.replace(model_cfg, encoder_kwargs={**model_cfg.encoder_kwargs, **TINY_ENCODERS[name]})
+            method_cfg = dataclasses.replace(method_cfg, **{k: v for k, v in TINY_DECODER.items()
+                                                            if hasattr(method_cfg, k)})
+            fam["methods"][method] = (method_cfg, small, size)
 
 
 class _HOGTimer:
@@ -148,12 +177,8 @@ def optimizer_ab(*, device: torch.device, dtype: str, batch: int, rounds: int, w
 
 
 def _build(method: str, fam: dict) -> tuple[torch.nn.Module, int]:
-    if method == "fastmim":
-        spec = fam["fastmim"]
-        return create_mim_model("fastmim", spec["model"], spec["mask"], spec["img_size"]), spec["img_size"]
-    spec = fam["baselines"][method]
-    model = create_baseline(method, encoder=fam["encoder"], img_size=spec["img_size"], **spec["kwargs"])
-    return model, spec["img_size"]
+    method_cfg, model_cfg, img_size = fam["methods"][method]
+    return create_mim_model(method_cfg, model_cfg, img_size), img_size
 
 
 def _profile_table(engine, imgs: torch.Tensor, device: torch.device, rows: int = 15) -> str:
@@ -170,7 +195,7 @@ def _profile_table(engine, imgs: torch.Tensor, device: torch.device, rows: int =
 def bench_family(name: str, *, device: torch.device, dtype: str, batch: int, rounds: int, steps: int,
                  warmup: int, profile: bool, methods: list[str] | None = None, ds_config: str | None = None,
                  half: int | None = None, fused: bool | None = None) -> dict:
-    """Interleaved step timings of FastMIM and the baselines of one backbone family (see module docstring).
+    """Interleaved step timings of the methods of one backbone family (see module docstring).
 
     ``methods`` (default: all of the family's) and ``ds_config`` (default: the ZeRO-2 file of ``dtype``) narrow it.
     ``half``: also time steps on the first ``half`` images of the batch (same engine), to split the step time into
@@ -178,7 +203,7 @@ def bench_family(name: str, *, device: torch.device, dtype: str, batch: int, rou
     :func:`benchmarks.common.build_engine`.
     """
     fam = FAMILIES[name]
-    methods = methods or ["fastmim", *fam["baselines"]]
+    methods = methods or list(fam["methods"])
     runs = {}
     for method in methods:
         torch.manual_seed(0)
@@ -269,6 +294,8 @@ def bench_family(name: str, *, device: torch.device, dtype: str, batch: int, rou
 def _run_part(args: argparse.Namespace, device: torch.device, dtype: str) -> dict:
     """One family (or the AdamW before/after) in this process; returns its result."""
     cpu = device.type == "cpu"
+    if args.tiny:
+        use_tiny_encoders()
     one_rank_group()
     torch.set_num_threads(args.threads)  # init_distributed shares the cores between the node's ranks (1 here)
     if args.part == "ab":
@@ -298,6 +325,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per method per round (cpu 1, cuda 5)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="2-block 64-d encoders: a smoke run")
+    parser.add_argument("--out", type=Path, default=None, help="result file (default benchmarks/results/...)")
     parser.add_argument("--no-optimizer-ab", action="store_true", help="skip the fused-AdamW before/after")
     parser.add_argument("--no-zero0", action="store_true",
                         help="skip the ViT FastMIM/SimMIM comparison under ZeRO stage 0 (run on cpu only)")
@@ -323,6 +352,7 @@ def main() -> None:
              if k in ("device", "dtype", "threads", "batch", "swin_batch", "rounds", "steps", "warmup")
              and v is not None]
     flags += ["--no-profile"] if args.no_profile else []
+    flags += ["--tiny"] if args.tiny else []
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
         for part in parts:
@@ -336,13 +366,13 @@ def main() -> None:
         per_size = {n: max(v, again.get(n, 0.0)) for n, v in peak[d]["per_size"].items()}
         best = max(per_size, key=per_size.get)
         peak[d] = {"tflops": per_size[best], "size": best, "per_size": per_size}
-    payload = {"machine": info, "dtype": dtype, "peak_matmul": peak,
+    payload = {"machine": info, "dtype": dtype, "peak_matmul": peak, "tiny": args.tiny,
                "families": {k: v for k, v in results.items() if k in FAMILIES}}
     if "ab" in results:
         payload["optimizer_ab"] = results["ab"]
     if "vit_zero0" in results:
         payload["vit_zero0"] = results["vit_zero0"]
-    write_result(device, "step", {**payload, "seconds": time.perf_counter() - t0})
+    logger.info("wrote %s", write_result(device, "step", {**payload, "seconds": time.perf_counter() - t0}, args.out))
 
 
 if __name__ == "__main__":

@@ -150,15 +150,16 @@ def _ds_config(stage: int, bucket: int | None, dtype: str) -> dict:
 
 def worker(args: argparse.Namespace) -> None:
     """One rank: build, two steps, measure at the inner optimizer's step pre-hook of step 2, write rank<r>.json."""
-    from fastmim_ds.config import MaskCfg, MIMModelCfg
-    from fastmim_ds.models import create_mim_model
+    from fastmim_ds.config import MIMModelCfg
+    from fastmim_ds.methods import create_mim_model
+    from fastmim_ds.methods.fastmim import FastMIMCfg
     from fastmim_ds.runtime import init_distributed
 
     dist = init_distributed()
     gc.collect()
     rss0 = _rss_bytes()
     torch.manual_seed(0)
-    model = create_mim_model("fastmim", MIMModelCfg(encoder="vit_base_patch16_224"), MaskCfg(), 64)
+    model = create_mim_model(FastMIMCfg(), MIMModelCfg(encoder="vit_base_patch16_224"), 64)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     cfg_path = Path(args.out) / f"ds_stage{args.stage}.json"
     if dist.rank == 0:

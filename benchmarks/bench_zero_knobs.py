@@ -1,8 +1,8 @@
-"""ZeRO-2 knobs side by side (issue 16, part 4): the per-step fixed cost of the ViT-B step, FastMIM vs SimMIM-style.
+"""ZeRO-2 knobs side by side (issue 16, part 4): the per-step fixed cost of the ViT-B step, FastMIM vs SimMIM.
 
 Each variant is the shipped ZeRO-2 config (``ds_configs/zero2_fp32.json`` on CPU, ``zero2_bf16.json`` on GPU) with
 one change, run in its own process with :func:`benchmarks.bench_step.bench_family` (the same engine, models and
-interleaved FastMIM / SimMIM-style rounds as ``bench_step``, plus the half-batch steps that split a step into a fixed
+interleaved FastMIM / SimMIM rounds as ``bench_step``, plus the half-batch steps that split a step into a fixed
 cost and a per-image cost):
 
 * ``shipped``: as shipped (contiguous_gradients, reduce_scatter, overlap_comm off, 5e7-element buckets);
@@ -14,7 +14,7 @@ cost and a per-image cost):
 
 One rank (no gradient exchange): what is measured is each knob's bookkeeping (bucketing, copies into the
 contiguous buffer, the partitioned update), the fixed cost that made ViT-B miss 3x at batch 16. Printed per
-variant: FastMIM and SimMIM-style s/step, the ratio (target >= 3.0 at batch 16), FastMIM's fixed cost per step and
+variant: FastMIM and SimMIM s/step, the ratio (target >= 3.0 at batch 16), FastMIM's fixed cost per step and
 its per-image cost.
 
 Usage: ``python -m benchmarks.bench_zero_knobs [--device cuda] [--variants shipped overlap_comm ...] [--tiny]``.
@@ -96,10 +96,7 @@ def main() -> None:
         one_rank_group()
         torch.set_num_threads(args.threads)
         if args.tiny:  # the same families with 2-block, 64-d encoders
-            fam = bench_step.FAMILIES["vit"]
-            fam["fastmim"]["model"].encoder_kwargs = {"embed_dim": 64, "depth": 2, "num_heads": 2}
-            fam["fastmim"]["model"].decoder_dim = 64
-            fam["baselines"]["simmim"]["kwargs"] = {"embed_dim": 64, "depth": 2, "num_heads": 2}
+            bench_step.use_tiny_encoders()
         path = Path(args.part_out).with_suffix(".ds.json")
         path.write_text(json.dumps(variant_config(args.part, dtype)))
         res = bench_step.bench_family("vit", device=device, dtype=dtype, batch=batch, rounds=args.rounds,
@@ -125,7 +122,7 @@ def main() -> None:
     rows = []
     print(f"\nZeRO-2 knobs, ViT-B/16{' (tiny)' if args.tiny else ''}, batch {batch} (half {batch // 2}), 1 rank, "
           f"{device.type} {dtype}")
-    print("| variant | FastMIM s/step | SimMIM-style s/step | SimMIM / FastMIM | FastMIM fixed s/step | "
+    print("| variant | FastMIM s/step | SimMIM s/step | SimMIM / FastMIM | FastMIM fixed s/step | "
           "FastMIM s/img |")
     print("|---|---|---|---|---|---|")
     for name, res in results.items():

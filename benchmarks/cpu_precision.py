@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from fastmim_ds.config import PretrainCfg, load_config
-    from fastmim_ds.models import create_mim_model
+    from fastmim_ds.methods import create_mim_model
 
     print(f"{platform.processor() or platform.machine()} | torch {torch.__version__} | "
           f"{torch.backends.cpu.get_cpu_capability()} | {args.threads} threads")
@@ -42,7 +42,7 @@ def main() -> None:
         linear = _rate(lambda: F.linear(a, w), 2 * m * k * n / 1e9)
         matmul = _rate(lambda: x @ x, 2 * 2048**3 / 1e9, min_time=1.0)
         torch.manual_seed(0)
-        model = create_mim_model(cfg.method, cfg.model, cfg.mask, cfg.data.img_size).to(dtype)
+        model = create_mim_model(cfg.method, cfg.model, cfg.data.img_size).to(dtype)
         imgs = torch.randn(64, 3, cfg.data.img_size, cfg.data.img_size)
         step = _rate(lambda: model(imgs)["loss"].backward(), 64)
         rows.append((str(dtype).replace("torch.", ""), linear, matmul, step))

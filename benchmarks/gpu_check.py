@@ -67,12 +67,13 @@ class Plan:
 
 
 def _model(plan: Plan):
-    from fastmim_ds.config import MaskCfg, MIMModelCfg
-    from fastmim_ds.models import create_mim_model
+    from fastmim_ds.config import MIMModelCfg
+    from fastmim_ds.methods import create_mim_model
+    from fastmim_ds.methods.fastmim import FastMIMCfg
 
-    cfg = MIMModelCfg(encoder_kwargs=plan.encoder_kwargs, decoder_dim=32 if plan.dry else 256, decoder_depth=1)
+    method = FastMIMCfg(mask_ratio=0.75, block_size=16, decoder_dim=32 if plan.dry else 256, decoder_depth=1)
     torch.manual_seed(0)
-    return create_mim_model("fastmim", cfg, MaskCfg(ratio=0.75, block_size=16), plan.img_size).to(plan.device)
+    return create_mim_model(method, MIMModelCfg(encoder_kwargs=plan.encoder_kwargs), plan.img_size).to(plan.device)
 
 
 def _engine(plan: Plan, model, stage: int | None = None):
@@ -194,7 +195,7 @@ def stage_pretrain(plan: Plan, ctx: dict) -> dict:
             "train.epochs=10000", "train.log_every=5", "train.ckpt_every=100000", "optim.warmup_epochs=1",
             f"data.num_workers={plan.loader_threads}"]
     if plan.dry:
-        sets += ["model.encoder_kwargs={embed_dim: 32, depth: 2, num_heads: 2}", "model.decoder_dim=32",
+        sets += ["model.encoder_kwargs={embed_dim: 32, depth: 2, num_heads: 2}", "method.decoder_dim=32",
                  "data.img_size=64", "train.micro_batch=8", "train.log_every=1",
                  "train.ds_config=ds_configs/zero2_fp32.json"]
     else:

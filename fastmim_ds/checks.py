@@ -14,7 +14,16 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, FinetuneCfg, PretrainCfg, Resolved, check_mapping, resolve, to_dict
+from .config import (
+    ConfigError,
+    FinetuneCfg,
+    PretrainCfg,
+    Resolved,
+    check_mapping,
+    resolve,
+    to_dict,
+    upgrade_pretrain_layout,
+)
 from .ds_engine import load_ds_config
 from .trackers import check_tracker_packages
 from .weights import classifier_arch, pretrain_config_of
@@ -77,9 +86,11 @@ def _model_key(e: Exception) -> str:
     if "image size" in msg or "window" in msg:
         return "data.img_size"
     if "block size" in msg:
-        return "mask.block_size"
-    if "mask ratio" in msg:
-        return "mask.ratio"
+        return "method.block_size"
+    if "mask ratio" in msg or "mask_ratio" in msg:
+        return "method.mask_ratio"
+    if "method" in msg:
+        return "method"
     return "model"
 
 
@@ -177,9 +188,6 @@ def _check_stages(cfg: PretrainCfg, world_size: int) -> None:
         where = f"progressive stage from epoch {s.start_epoch}" if cfg.progressive else "train"
         if s.micro_batch < 1 or s.grad_accum < 1 or s.img_size < 1:
             raise ConfigError(f"{where}: size, micro batch and grad accumulation must be >= 1, got {s}")
-        if cfg.method == "mixmim" and s.micro_batch % 2:
-            raise ConfigError(f"{where}: MixMIM pairs sample i with B-1-i, so the per-rank micro batch must be even, "
-                              f"got {s.micro_batch}")
 
 
 def _check_eval(cfg: PretrainCfg, *, check_files: bool) -> None:
@@ -209,15 +217,15 @@ def check_pretrain(cfg: PretrainCfg, world_size: int, *, check_files: bool = Tru
     Raises:
         ConfigError: one line naming the key and the fix.
     """
-    from .models import METHODS, create_mim_model
+    from .methods import METHODS, create_mim_model, method_config
 
-    if cfg.method not in METHODS:
-        raise ConfigError(f"method: unknown '{cfg.method}' (choices: {', '.join(METHODS)})")
+    method_config(cfg.method.name)  # a known method (ConfigError listing the choices)
     _check_stages(cfg, world_size)
+    METHODS[cfg.method.name].check(cfg, world_size)  # the method's own pre-launch checks
     check_model_kwargs(cfg.model.encoder, cfg.model.encoder_kwargs, "model.encoder_kwargs")
     try:
         with torch.device("meta"):
-            model = create_mim_model(cfg.method, cfg.model, cfg.mask, cfg.data.img_size)
+            model = create_mim_model(cfg.method, cfg.model, cfg.data.img_size)
     except (ValueError, TypeError, RuntimeError) as e:
         raise ConfigError(f"{_model_key(e)}: {e}") from None
     for s in cfg.stages():
@@ -253,6 +261,8 @@ def check_resume_compatible(cfg, saved: dict, tag_dir: Path, *, world_size: int 
                           "ranks (ZeRO shards do not re-partition; resuming on another world size through DeepSpeed's "
                           "universal checkpoint is not supported yet)")
     now = to_dict(cfg)
+    if isinstance(cfg, PretrainCfg):
+        saved = upgrade_pretrain_layout(saved)[0]  # a checkpoint written before the method: section
     for section in ARCH_KEYS:
         a, b = saved.get(section), now.get(section)
         if isinstance(a, dict) and isinstance(b, dict):

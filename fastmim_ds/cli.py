@@ -185,7 +185,7 @@ def _export(args: argparse.Namespace) -> int:
     weights, config = export(args.checkpoint, args.out)
     kind = config["fastmim_ds"]["kind"]
     print(f"exported {config['architecture']} ({kind}, {config['num_classes']} classes) -> {weights}")
-    print(f"load with timm (import fastmim_ds.models first for mixmim_* models):\n  {timm_call(args.out, config)}")
+    print(f"load with timm (import fastmim_ds first for mixmim_* models):\n  {timm_call(args.out, config)}")
     return 0
 
 

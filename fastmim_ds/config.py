@@ -10,7 +10,9 @@ README) for pre-training and the FastMIM/MAE ViT-B fine-tuning recipe for fine-t
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import logging
 import math
 import types
 import typing
@@ -20,10 +22,12 @@ from typing import Any, Union, get_args, get_origin
 
 import yaml
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
-    "ConfigError", "DataCfg", "MaskCfg", "MIMModelCfg", "OptimCfg", "TrainCfg", "PretrainCfg",
+    "ConfigError", "DataCfg", "MethodCfg", "MIMModelCfg", "OptimCfg", "TrainCfg", "PretrainCfg",
     "Stage", "ClassifierCfg", "AugCfg", "FinetuneCfg", "Resolved", "load_config", "resolve", "to_dict", "dump_yaml",
-    "VisCfg", "LinprobeOptimCfg", "LinprobeCfg", "PretrainEvalCfg", "check_mapping",
+    "VisCfg", "LinprobeOptimCfg", "LinprobeCfg", "PretrainEvalCfg", "check_mapping", "upgrade_pretrain_layout",
 ]
 
 
@@ -51,22 +55,27 @@ class DataCfg:
 
 
 @dataclass
-class MaskCfg:
-    ratio: float = 0.75  # fraction of mask blocks replaced by the learned colour
-    block_size: int = 16  # px side of one mask block; multiple of the encoder's output stride
+class MethodCfg:
+    """The ``method:`` section of a pre-training config: ``name`` picks the MIM method, and the method's own
+    dataclass (a subclass of this one, ``fastmim_ds.methods.METHODS[name].config``) holds its keys, strictly: a key
+    of another method is an error naming the method and its valid keys. ``method.name=mae`` on the command line
+    switches to that method's defaults (plus any other ``method.*`` keys given)."""
+
+    name: str = ""
+
+
+def _default_method() -> MethodCfg:
+    from .methods import method_config  # the registry imports torch: only when a pre-training config is built
+
+    return method_config("fastmim")()
 
 
 @dataclass
 class MIMModelCfg:
+    """The encoder of a pre-training run: what any encoder has, whichever method trains it."""
+
     encoder: str = "vit_base_patch16_224"  # any timm backbone with an adapter (fastmim_ds.models.adapters)
     encoder_kwargs: dict = field(default_factory=dict)  # passed to timm.create_model (embed_dim, depth, ...)
-    decoder_dim: int = 256
-    decoder_depth: int = 1  # 1 for ViT-B, 4 for Swin-B (FastMIM README)
-    decoder_heads: int = 0  # 0: decoder_dim // 32, as FastMIM
-    target: str = "hog"  # "hog" (FastMIM) or "pixel"
-    norm_pix_loss: bool = True  # HOG: L2-normalise each cell histogram; pixel: per-patch mean/std
-    hog_bins: int = 9  # unsigned orientation bins of 20 degrees
-    hog_cell: int = 8  # px side of a HOG cell
     drop_path: float = 0.0
     encoder_blocks: int = 0  # >0: pre-train only the first k encoder blocks (FastMIM finding ii); 0 = all
     # activation checkpointing of the encoder blocks (timm set_grad_checkpointing): recomputes each block's forward
@@ -150,9 +159,9 @@ class PretrainEvalCfg:
 
 @dataclass
 class PretrainCfg:
-    method: str = "fastmim"
+    # {name: fastmim, <that method's keys>}; see MethodCfg and fastmim_ds.methods (one dataclass per method)
+    method: MethodCfg = field(default_factory=_default_method)
     model: MIMModelCfg = field(default_factory=MIMModelCfg)
-    mask: MaskCfg = field(default_factory=MaskCfg)
     data: DataCfg = field(default_factory=DataCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
@@ -357,11 +366,87 @@ def _merge(obj: Any, updates: dict, prefix: str = "") -> Any:
         if key not in names:
             raise ConfigError(f"unknown key '{full}' (valid keys here: {', '.join(names)})")
         current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
+        if isinstance(current, MethodCfg):
+            changes[key] = _merge_method(current, value, f"{full}.")
+        elif dataclasses.is_dataclass(current):
             changes[key] = _merge(current, value, f"{full}.")
         else:
             changes[key] = _coerce(value, hints[key], full)
     return dataclasses.replace(obj, **changes)
+
+
+def _merge_method(current: MethodCfg, updates: Any, prefix: str) -> MethodCfg:
+    """The ``method:`` section: ``name`` picks the method's dataclass (its defaults when the name changes), whose
+    keys are the only ones accepted."""
+    from .methods import method_config
+
+    where = prefix.rstrip(".")
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{where}: expected a mapping {{name: <method>, <its keys>}}, got {updates!r}")
+    name = _coerce(updates.get("name", current.name), str, f"{prefix}name")
+    cls = method_config(name)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in updates if k not in valid]
+    if unknown:
+        raise ConfigError(f"unknown key '{prefix}{unknown[0]}' for method {name} (valid keys of {name}: "
+                          f"{', '.join(valid)})")
+    return _merge(current if type(current) is cls else cls(), updates, prefix)
+
+
+# keys of the layout before the ``method:`` section (model.<key> and mask.<key> -> method.<new key>)
+_OLD_MODEL_KEYS = ("target", "norm_pix_loss", "hog_bins", "hog_cell", "decoder_dim", "decoder_depth", "decoder_heads")
+_OLD_MASK_KEYS = {"ratio": "mask_ratio", "block_size": "block_size"}
+
+
+def upgrade_pretrain_layout(data: dict) -> tuple[dict, list[str]]:
+    """Moves the keys of a pre-training config (or a checkpoint's saved config) written in the old layout into the
+    ``method:`` section.
+
+    Old: ``method: fastmim``, ``mask: {ratio, block_size}``, ``model.{target, norm_pix_loss, hog_bins, hog_cell,
+    decoder_dim, decoder_depth, decoder_heads}``. New: ``method: {name: fastmim, mask_ratio, block_size, target,
+    ...}``. A moved key that the chosen method does not have is dropped (and listed): in the old layout every
+    method took every key (MixMIM's ``mask.block_size`` had to equal the encoder stride; its mask lives on the
+    last-stage grid now). A key given in both layouts keeps its ``method:`` value.
+
+    Returns:
+        (the dict in the new layout (a copy), the moves made as ``"mask.ratio -> method.mask_ratio"``; empty when the
+        dict was in the new layout already).
+    """
+    out = copy.deepcopy(data)
+    moves: list[str] = []
+    method = out.get("method")
+    if isinstance(method, str):
+        out["method"] = {"name": method}
+        moves.append(f"method: {method} -> method.name: {method}")
+    model, mask = out.get("model"), out.get("mask")
+    moved = {}
+    if isinstance(model, dict):
+        for k in _OLD_MODEL_KEYS:
+            if k in model:
+                moved[k] = model.pop(k)
+                moves.append(f"model.{k} -> method.{k}")
+    if isinstance(mask, dict):
+        del out["mask"]
+        for k, v in mask.items():
+            new = _OLD_MASK_KEYS.get(k, k)
+            moved[new] = v
+            moves.append(f"mask.{k} -> method.{new}")
+    if moved:
+        section = out.setdefault("method", {})
+        if not isinstance(section, dict):
+            return out, moves  # loading names the problem
+        from .methods import method_config
+
+        name = section.get("name", _default_method().name)
+        try:
+            valid = {f.name for f in dataclasses.fields(method_config(name))}
+        except ConfigError:
+            return out, moves  # loading names the unknown method
+        for k in [k for k in moved if k not in valid]:
+            moves.append(f"{k} dropped (method {name} has no such key)")
+            del moved[k]
+        section.update({k: v for k, v in moved.items() if k not in section})
+    return out, moves
 
 
 def _parse_override(item: str) -> dict:
@@ -418,6 +503,11 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         updates = loaded
     for item in overrides or []:
         _deep_update(updates, _parse_override(item))
+    if cls is PretrainCfg:
+        updates, moves = upgrade_pretrain_layout(updates)
+        if moves:
+            logger.warning("config in the old layout (before the method: section), read as the new one: %s; write "
+                           "it that way (method: {name: <method>, <its keys>})", "; ".join(moves))
     return _merge(cls(), updates)
 
 

@@ -215,7 +215,8 @@ def load_source(source: str, *, img_size: int | None = None) -> tuple[nn.Module,
     """
     from pathlib import Path
 
-    from .models import adapter_for, initial_mim_model
+    from .methods import initial_mim_model
+    from .models import adapter_for
 
     if source.startswith("timm:"):
         name = source[len("timm:"):]

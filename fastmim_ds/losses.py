@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["masked_mse"]
+__all__ = ["masked_mse", "masked_l1"]
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -23,9 +23,22 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | No
     Raises:
         ValueError: shapes differ, or no token is masked.
     """
+    return _masked_mean(pred, target, mask, torch.square)
+
+
+def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean absolute error over the masked tokens only (SimMIM: ``l1_loss`` summed over masked pixels / their count).
+
+    Shapes, mask semantics (True = masked, counted), errors and fp32 as :func:`masked_mse`.
+    """
+    return _masked_mean(pred, target, mask, torch.abs)
+
+
+def _masked_mean(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, error) -> torch.Tensor:
+    """Mean of ``error(pred - target)`` (fp32) over the masked tokens' values (every token when ``mask`` is None)."""
     if pred.shape != target.shape:
         raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
-    err = (pred.float() - target.float()).pow(2).mean(dim=-1)  # (B, N)
+    err = error(pred.float() - target.float()).mean(dim=-1)  # (B, N)
     if mask is None:
         return err.mean()
     if mask.shape != err.shape:

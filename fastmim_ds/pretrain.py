@@ -19,8 +19,8 @@ from .config import PretrainCfg, Stage, resolve, to_dict
 from .data.loaders import build_train_loader, dataset_labels
 from .ds_engine import build_ds_config, create_engine
 from .loop import Loop, LoopState
+from .methods import create_mim_model
 from .metrics import MetricsWriter
-from .models import create_mim_model
 from .optim import build_optimizer, build_scheduler, set_lr_multiplier
 from .quality import QualityMonitor
 from .run import Run, open_metrics, start_run
@@ -34,7 +34,7 @@ CKPT_BYTES_PER_PARAM = 18
 
 
 def run_name(cfg: PretrainCfg) -> str:
-    return f"{cfg.method}-{cfg.model.encoder}-{cfg.data.img_size}"
+    return f"{cfg.method.name}-{cfg.model.encoder}-{cfg.data.img_size}"
 
 
 class PretrainLoop(Loop):
@@ -48,10 +48,9 @@ class PretrainLoop(Loop):
                          stop_requested=Preemption(run.dist.device).requested, last_checkpoint=run.resume_tag)
         self.cfg, self.run_, self.optimizer = cfg, run, optimizer
         self.stages, self.stage, self.loader = cfg.stages(), None, None
-        self.quality = _quality_monitor(cfg, engine.module, run.dist)
-        self.vis = EpochVisualizer(cfg.vis, data_train=cfg.data.train, run_dir=run.dir, write=run.dist.is_main,
-                                   hog_bins=cfg.model.hog_bins, hog_cell=cfg.model.hog_cell)
-        self.client = {"config": to_dict(cfg), "git_sha": git_sha(), "method": cfg.method}
+        self.quality = _quality_monitor(cfg, run.dist)
+        self.vis = EpochVisualizer(cfg.vis, data_train=cfg.data.train, run_dir=run.dir, write=run.dist.is_main)
+        self.client = {"config": to_dict(cfg), "git_sha": git_sha(), "method": cfg.method.name}
 
     def step(self, images, labels) -> dict:
         return self.engine(images)  # self-supervised: the labels are not used
@@ -107,7 +106,7 @@ def main(cfg: PretrainCfg, *, resume: str | None = None) -> dict:
     """Pre-trains ``cfg``; returns the last epoch's stats (with ``run_dir`` and ``preempted``)."""
     run = start_run(cfg, check=check_pretrain, default_name=run_name(cfg), resume=resume)
     dist, derived = run.dist, run.derived
-    model = create_mim_model(cfg.method, cfg.model, cfg.mask, cfg.data.img_size)
+    model = create_mim_model(cfg.method, cfg.model, cfg.data.img_size)
     n_params = sum(p.numel() for p in model.parameters())
     check_output_dir(run.ckpt_dir, checkpoint_bytes=n_params * CKPT_BYTES_PER_PARAM, keep_last=cfg.train.keep_last)
     logger.info("run %s | world %d | effective batch %d | lr %.3g (blr %.3g x %d / 256) | device %s",
@@ -129,7 +128,7 @@ def main(cfg: PretrainCfg, *, resume: str | None = None) -> dict:
     return {**stats, "run_dir": str(run.dir)}
 
 
-def _quality_monitor(cfg: PretrainCfg, model, dist) -> QualityMonitor | None:
+def _quality_monitor(cfg: PretrainCfg, dist) -> QualityMonitor | None:
     """The run's quality signals, or None when none is on or there is no val set to measure them on."""
     ev = cfg.eval
     if not (ev.skill_every or ev.knn_every):
@@ -137,12 +136,6 @@ def _quality_monitor(cfg: PretrainCfg, model, dist) -> QualityMonitor | None:
     if not Path(cfg.data.val).is_file():  # k-NN without a val set is refused before launch
         logger.warning("no val set at %s: reconstruction skill is not measured (set data.val)", cfg.data.val)
         return None
-    if ev.skill_every and not all(hasattr(model, a) for a in ("target", "stride", "mask_generator")):
-        logger.warning("%s: reconstruction skill needs a FastMIM-style model; not measured", cfg.method)
-        ev = dataclasses.replace(ev, skill_every=0)
-    if ev.knn_every and not hasattr(model, "adapter"):
-        logger.warning("%s: k-NN needs an encoder with an adapter; not measured", cfg.method)
-        ev = dataclasses.replace(ev, knn_every=0)
     classes = read_classes(cfg.data.train)
     num_classes = len(classes) or int(dataset_labels(cfg.data.train).max()) + 1
     return QualityMonitor(ev, train=cfg.data.train, val=cfg.data.val, num_classes=num_classes, rank=dist.rank,

@@ -112,8 +112,9 @@ class QualityMonitor:
 
     @torch.no_grad()
     def skill(self, model: nn.Module, img_size: int) -> dict:
-        """``{"skill_mse", "skill_mean_mse", "skill_ratio"}`` of ``model`` (a FastMIM-style model whose forward
-        takes ``(images, mask)``) at ``img_size``; the same on every rank."""
+        """``{"skill_mse", "skill_mean_mse", "skill_ratio"}`` of ``model`` (a :class:`~fastmim_ds.methods.MIMMethod`:
+        ``target``, ``stride``, ``draw_mask`` and a forward taking ``(images, mask)``) at ``img_size``; the same on
+        every rank."""
         if img_size not in self._means:
             loader = self._loader(self.train, img_size, self.cfg.skill_mean_images, self.cfg.batch_size)
             self._means[img_size] = mean_target(model.target, model.stride, loader, self.device)
@@ -122,8 +123,8 @@ class QualityMonitor:
         loader = self._loader(self.val, img_size, n, per_rank)
         images = next(iter(loader))[0].clone()
         gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
-        masks = model.mask_generator(per_rank * self.world, (img_size, img_size), device=torch.device("cpu"),
-                                     generator=gen)  # the same masks for every rank count and every epoch
+        masks = model.draw_mask(per_rank * self.world, (img_size, img_size), device=torch.device("cpu"),
+                                generator=gen)  # the same masks for every rank count and every epoch
         mask = masks[self.rank::self.world][: images.shape[0]].to(images.device)
         was_training = model.training
         model.eval()

@@ -4,7 +4,7 @@
   MaskFeat, arXiv 2112.09133): per-channel Sobel gradients, 9 unsigned orientation bins with hard
   assignment, magnitudes summed over 8x8-pixel cells, optional L2 normalisation of each (channel, cell)
   histogram. Always computed in fp32: orientation binning is a hard ``floor``, and bf16 inputs flip about
-  1% of the bins (METHODS.md section 5.5).
+  1% of the bins (docs/methods.md §5.5).
 * :class:`PixelTarget`: raw or per-patch normalised pixels (MAE/SimMIM ``norm_pix_loss``).
 
 Both are computed from the *unmasked*, mean/std-normalised image and return (B, N, D) with N the number of

@@ -4,20 +4,21 @@
 consolidated fp32 weights, masks a few images with a fixed seed and draws one row per image:
 
 1. **input**: the image as the model sees it (shorter side resized to the run's ``img_size``, centre crop);
-2. **masked input**: what the encoder got. FastMIM: masked blocks filled with the learned mask colour (the
-   (1, 3, 1, 1) ``mask_token`` in normalised-pixel space, shown un-normalised); MixMIM: the mixed image (masked
-   tokens taken from the partner image B - 1 - i);
+2. **masked input**: what the encoder got, as the method draws it (``MIMMethod.reconstruct``). FastMIM: masked
+   blocks filled with the learned mask colour (the (1, 3, 1, 1) ``mask_token`` in normalised-pixel space, shown
+   un-normalised); MixMIM: the mixed image (masked tokens taken from the partner image B - 1 - i); MAE and SimMIM
+   (which drop or replace masked tokens after the patch embedding): masked patches in the mean colour (grey);
 3. **target** and 4. **prediction**, on the token grid:
 
-   * HOG (FastMIM's target, METHODS.md 1.6-1.7): per 8-px cell, an orientation glyph: a star of ``nbins`` line
+   * HOG (FastMIM's target, docs/methods.md §1.6-1.7): per 8-px cell, an orientation glyph: a star of ``nbins`` line
      segments through the cell centre, each along the edge direction of its bin (perpendicular to the gradient) and
      as bright as the bin's magnitude (colour channels summed). Tokens are regrouped from the target's
      (c * nbins + bin, dy, dx) layout back to cells. The prediction panel draws the predicted histograms (negative
      values clipped) at masked tokens; both panels shade masked tokens grey; brightness uses the target's maximum
      in both panels, so they compare directly.
-   * pixels (MixMIM, or FastMIM with ``model.target: pixel``): the target un-patchified to an image; the prediction
-     un-normalised with each target patch's own mean/std when ``norm_pix_loss`` is on (MAE's visualisation), shown
-     at masked tokens with the visible input pasted elsewhere ("reconstruction + visible").
+   * pixels (MixMIM, MAE, SimMIM, or FastMIM with ``method.target: pixel``): the target un-patchified to an image;
+     the prediction un-normalised with each target patch's own mean/std when ``norm_pix_loss`` is on (MAE's
+     visualisation), shown at masked tokens with the visible input pasted elsewhere ("reconstruction + visible").
 
 Pre-training also writes such a picture every ``vis.every`` epochs to ``<run>/vis/epochXXXX.png``
 (:class:`EpochVisualizer`: every rank computes it, which keeps ZeRO-3 parameter gathering collective; rank 0 writes;
@@ -39,8 +40,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 
 from .config import PretrainCfg, VisCfg, load_config
 from .masking import upsample_mask
-from .models import FastMIM, MixMIM, create_mim_model
-from .models.mixmim import draw_mix_mask
+from .methods import create_mim_model
 from .targets import HOGTarget, PixelTarget, patchify
 
 logger = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class Reconstruction:
         stride: px per token.
         kind: ``"hog"`` or ``"pixel"``.
         target_img, pred_img: (B, 3, H, W) in [0, 1] for pixel targets (``None`` for HOG).
+        hog_bins, hog_cell: the HOG target's bins and cell side in px (glyph layout; unused for pixels).
     """
 
     images: torch.Tensor
@@ -79,6 +80,8 @@ class Reconstruction:
     kind: str
     target_img: torch.Tensor | None = None
     pred_img: torch.Tensor | None = None
+    hog_bins: int = 9
+    hog_cell: int = 8
 
 
 def _to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +121,7 @@ def hog_glyphs(hist: np.ndarray, cell_px: int, scale: float, background: np.ndar
     """Draws HOG orientation glyphs.
 
     Bin ``b`` covers gradient angles phi in [b, b + 1) * 180 / nbins degrees, phi = atan2(gx, gy) as the HOG target
-    (METHODS.md 1.6): the gradient points along (x, y) = (sin phi, cos phi), so its edge, drawn here, runs along
+    (docs/methods.md §1.6): the gradient points along (x, y) = (sin phi, cos phi), so its edge, drawn here, runs along
     (cos phi, -sin phi) at the bin centre (b + 0.5) * 180 / nbins. Bin 0 is a horizontal edge, bin nbins / 2 vertical.
 
     Args:
@@ -165,9 +168,9 @@ def load_mim_model(path: str | Path) -> tuple[nn.Module, PretrainCfg]:
     saved = read_client_state(tag_dir).get("config", {})
     if "method" not in saved:
         raise ValueError(f"{tag_dir} is not a pre-training checkpoint (reconstruction pictures need the decoder)")
-    keys = ("method", "model", "mask", "data")
+    keys = ("method", "model", "mask", "data")  # "mask": a checkpoint of the old layout (upgraded by load_config)
     cfg = load_config(PretrainCfg, None, [f"{k}={_yaml(saved[k])}" for k in keys if k in saved])
-    model = create_mim_model(cfg.method, cfg.model, cfg.mask, cfg.data.img_size)
+    model = create_mim_model(cfg.method, cfg.model, cfg.data.img_size)
     state = load_module_state(tag_dir, "")  # the whole MIM module
     model.load_state_dict(state, strict=True)
     return model.eval(), cfg
@@ -213,15 +216,16 @@ def load_images(source: str | Path | list, img_size: int, *, limit: int) -> tupl
 
 @torch.no_grad()
 def reconstruct(model: nn.Module, imgs: torch.Tensor, *, seed: int = 0) -> Reconstruction:
-    """Runs ``model`` (FastMIM or MixMIM) on ``imgs`` with a mask drawn from ``torch.Generator().manual_seed(seed)``.
+    """Runs the MIM method ``model`` on ``imgs`` with a mask drawn from ``torch.Generator().manual_seed(seed)``
+    (its :meth:`~fastmim_ds.methods.MIMMethod.reconstruct`: the forward outputs and the masked input).
 
     Args:
-        model: the pre-training model; switched to eval for the call and restored.
-        imgs: (B, 3, H, W) ImageNet-normalised; MixMIM pairs image i with B - 1 - i, so an odd batch gets a copy of
-            its first image appended (not returned).
+        model: the pre-training model (a :class:`~fastmim_ds.methods.MIMMethod`); switched to eval for the call and
+            restored.
+        imgs: (B, 3, H, W) ImageNet-normalised.
 
     Raises:
-        ValueError: a model of another class, or a target that is neither HOG nor pixels.
+        ValueError: a target that is neither HOG nor pixels.
     """
     device = next(model.parameters()).device
     imgs = imgs.to(device=device, dtype=torch.float32)
@@ -230,33 +234,21 @@ def reconstruct(model: nn.Module, imgs: torch.Tensor, *, seed: int = 0) -> Recon
     was_training = model.training
     model.eval()
     try:
-        if isinstance(model, FastMIM):
-            H, W = imgs.shape[-2:]
-            block = model.mask_generator.block_size
-            grid_mask = model.mask_generator(n, (H, W), device=device, generator=g)  # (B, H/block, W/block)
-            out = model(imgs, mask=grid_mask)
-            colour = model.mask_token.float().expand_as(imgs)
-            masked = torch.where(upsample_mask(grid_mask, block).unsqueeze(1), colour, imgs)
-        elif isinstance(model, MixMIM):
-            if n % 2:
-                imgs = torch.cat([imgs, imgs[:1]])
-            mix = draw_mix_mask(model.grid, model.mask_ratio, device=device, generator=g)  # (h, w)
-            out = model(imgs, mask=mix)
-            pixel = upsample_mask(mix[None], model.stride)  # (1, H, W)
-            masked = torch.where(pixel.unsqueeze(1), imgs.flip(0), imgs)
-        else:
-            raise ValueError(f"no reconstruction picture for {type(model).__name__} (FastMIM or MixMIM)")
+        out = model.reconstruct(imgs, generator=g)
     finally:
         model.train(was_training)
+    masked = out["masked"]
     stride = model.stride
     H, W = imgs.shape[-2:]
     grid = (H // stride, W // stride)
-    target, pred = out["target"][:n].float(), out["pred"][:n].float()
-    mask = out["mask"][:n].reshape(n, *grid).cpu()
-    rec = Reconstruction(images=_to_unit(imgs[:n]), masked=_to_unit(masked[:n]), mask=mask, target=target.cpu(),
+    target, pred = out["target"].float(), out["pred"].float()
+    mask = out["mask"].reshape(n, *grid).cpu()
+    rec = Reconstruction(images=_to_unit(imgs), masked=_to_unit(masked), mask=mask, target=target.cpu(),
                          pred=pred.cpu(), stride=stride, kind="hog" if isinstance(model.target, HOGTarget) else "pixel")
+    if isinstance(model.target, HOGTarget):
+        rec.hog_bins, rec.hog_cell = model.target.nbins, model.target.cell
     if isinstance(model.target, PixelTarget):
-        x = patchify(imgs[:n].float(), stride)  # (B, N, stride^2 * 3), normalised-pixel space
+        x = patchify(imgs, stride)  # (B, N, stride^2 * 3), normalised-pixel space
         if model.target.normalize:  # MAE: show the prediction with the target patch's own statistics
             mean, std = x.mean(-1, keepdim=True), (x.var(-1, keepdim=True) + 1e-6).sqrt()
             pred_x, target_x = pred * std + mean, target * std + mean
@@ -290,14 +282,12 @@ def _rgb(x: torch.Tensor) -> np.ndarray:
     return (x.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
 
 
-def render_grid(rec: Reconstruction, *, panel: int = 128, hog_bins: int = 9, hog_cell: int = 8,
-                names: list[str] | None = None) -> Image.Image:
+def render_grid(rec: Reconstruction, *, panel: int = 128, names: list[str] | None = None) -> Image.Image:
     """One row per image: input | masked input | target | prediction, each ``panel`` px wide, titles on top.
 
     Args:
         rec: :func:`reconstruct`'s output.
         panel: panel side in px (images are enlarged by an integer factor, nearest neighbour, so pixels stay sharp).
-        hog_bins, hog_cell: the HOG target's bins and cell size (glyph layout).
         names: optional row labels (file names).
     """
     B, _, H, W = rec.images.shape
@@ -311,7 +301,7 @@ def render_grid(rec: Reconstruction, *, panel: int = 128, hog_bins: int = 9, hog
         draw.text((gap + c * (pw + gap) + 2, 1), t, fill=(0, 0, 0))
     for i in range(B):
         if rec.kind == "hog":
-            tgt, prd = _hog_panels(rec, i, hog_bins, hog_cell, hog_cell * f)
+            tgt, prd = _hog_panels(rec, i, rec.hog_bins, rec.hog_cell, rec.hog_cell * f)
             tgt, prd = np.stack([tgt] * 3, -1), np.stack([prd] * 3, -1)
         else:
             tgt, prd = _rgb(rec.target_img[i]), _rgb(rec.pred_img[i])
@@ -338,11 +328,11 @@ def visualize(path: str | Path, images: str | Path | list, out: str | Path, *, n
     model, cfg = load_mim_model(path)
     imgs, names = load_images(images, cfg.data.img_size, limit=num_images)
     rec = reconstruct(model, imgs, seed=seed)
-    grid = render_grid(rec, panel=panel, hog_bins=cfg.model.hog_bins, hog_cell=cfg.model.hog_cell, names=names)
+    grid = render_grid(rec, panel=panel, names=names)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out, optimize=True)
-    logger.info("wrote %s (%d images, %s target, %s)", out, len(names), rec.kind, cfg.method)
+    logger.info("wrote %s (%d images, %s target, %s)", out, len(names), rec.kind, cfg.method.name)
     return out
 
 
@@ -358,14 +348,11 @@ class EpochVisualizer:
         data_train: the training .beton (used when ``vis.images`` is empty).
         run_dir: the run folder.
         write: write the file (rank 0); every rank must call (ZeRO-3 gathers parameters collectively).
-        hog_bins, hog_cell: the HOG target's layout.
     """
 
-    def __init__(self, vis: VisCfg, *, data_train: str, run_dir: Path, write: bool, hog_bins: int = 9,
-                 hog_cell: int = 8):
+    def __init__(self, vis: VisCfg, *, data_train: str, run_dir: Path, write: bool):
         self.vis, self.data_train, self.write = vis, data_train, write
         self.out_dir = Path(run_dir) / "vis"
-        self.hog_bins, self.hog_cell = hog_bins, hog_cell
         self._images: dict[int, tuple[torch.Tensor, list[str]]] = {}
 
     def due(self, epoch: int) -> bool:
@@ -397,6 +384,6 @@ class EpochVisualizer:
             return None
         self.out_dir.mkdir(parents=True, exist_ok=True)
         out = self.out_dir / f"epoch{epoch + 1:04d}.png"
-        render_grid(rec, hog_bins=self.hog_bins, hog_cell=self.hog_cell, names=names).save(out, optimize=True)
+        render_grid(rec, names=names).save(out, optimize=True)
         logger.info("reconstructions: %s", out)
         return out

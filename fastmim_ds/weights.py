@@ -92,7 +92,7 @@ def load_pretrained_encoder(path: str | Path, prefix: str = "encoder.") -> tuple
     path = Path(path)
     if path.is_file() and path.suffix in (".yaml", ".yml"):  # the untrained baseline: the run's initialisation
         from .config import to_dict
-        from .models import initial_mim_model
+        from .methods import initial_mim_model
 
         model, pre_cfg = initial_mim_model(path)
         state, cfg = model.state_dict(), to_dict(pre_cfg)

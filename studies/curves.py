@@ -19,7 +19,7 @@ import torch
 from fastmim_ds.checkpoint import CKPT_SUBDIR, complete_tags, read_client_state
 from fastmim_ds.checks import read_classes
 from fastmim_ds.config import PretrainEvalCfg
-from fastmim_ds.models import initial_mim_model
+from fastmim_ds.methods import initial_mim_model
 from fastmim_ds.quality import QualityMonitor
 from fastmim_ds.visualize import load_mim_model
 

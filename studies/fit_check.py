@@ -14,10 +14,11 @@ import argparse
 
 import torch
 
-from fastmim_ds.config import MaskCfg, MIMModelCfg
+from fastmim_ds.config import MIMModelCfg
 from fastmim_ds.data.loaders import build_val_loader
-from fastmim_ds.models import create_mim_model
-from fastmim_ds.models import mim as mim_module
+from fastmim_ds.methods import create_mim_model
+from fastmim_ds.methods import fastmim as mim_module
+from fastmim_ds.methods.fastmim import FastMIMCfg
 
 
 def build(target: str, *, xavier: bool) -> torch.nn.Module:
@@ -26,9 +27,9 @@ def build(target: str, *, xavier: bool) -> torch.nn.Module:
     if xavier:  # skip our initialisation: the layer keeps the decoder's xavier_uniform weights and zero bias
         mim_module.init_prediction = lambda pred, value: None
     try:
-        cfg = MIMModelCfg(encoder="vit_tiny_patch16_224", encoder_kwargs={"depth": 6, "patch_size": 8},
-                          decoder_dim=128, target=target)
-        return create_mim_model("fastmim", cfg, MaskCfg(ratio=0.75, block_size=16), 64)
+        cfg = MIMModelCfg(encoder="vit_tiny_patch16_224", encoder_kwargs={"depth": 6, "patch_size": 8})
+        method = FastMIMCfg(mask_ratio=0.75, block_size=16, decoder_dim=128, target=target)
+        return create_mim_model(method, cfg, 64)
     finally:
         mim_module.init_prediction = keep
 

@@ -19,9 +19,12 @@ def _check(*args: str) -> subprocess.CompletedProcess:
     ("model.decoder_dimm=128", "config error: unknown key 'model.decoder_dimm'"),
     ("data.img_size=120", "config error: data.img_size: image size 120 is not divisible by the mask block size 16"),
     ("train.epochs=ten", "config error: train.epochs: expected an integer, got 'ten'"),
-    ("method=mae", "config error: method: unknown 'mae' (choices: fastmim"),
-    ("mask.block_size=20",  # the demo encoder has 8-px patches
-     "config error: mask.block_size: mask block size 20 must be a multiple of the encoder stride 8"),
+    ("method.name=mea", "config error: method.name: unknown 'mea' (choices: fastmim, mixmim, mae, simmim)"),
+    # the demo config's method section holds FastMIM keys: another method names the first one it does not have
+    ("method.name=mae", "config error: unknown key 'method.block_size' for method mae (valid keys of mae: name, "
+     "mask_ratio, norm_pix_loss, decoder_dim, decoder_depth, decoder_heads)"),
+    ("method.block_size=20",  # the demo encoder has 8-px patches
+     "config error: method.block_size: mask block size 20 must be a multiple of the encoder stride 8"),
     # issue 17: YAML flow syntax without spaces used to merge {"depth:6": None, ...}, which timm dropped
     ("model.encoder_kwargs={depth:6,patch_size:8}",
      "config error: model.encoder_kwargs: key 'depth:6' contains ':' (YAML reads 'name:value' without a space as "

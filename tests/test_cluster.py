@@ -16,8 +16,8 @@ from conftest import REPO
 from fastmim_ds.runtime import slurm_environment
 
 # a 1-block, 32-d ViT at 32 px (4 tokens of 16 px): seconds per step on shared CPU cores
-TINY = ["model.encoder_kwargs={embed_dim: 32, depth: 1, num_heads: 1}", "model.decoder_dim=32", "data.img_size=32",
-        "mask.block_size=16", "data.num_workers=1", "optim.warmup_epochs=0", "train.micro_batch=8",
+TINY = ["model.encoder_kwargs={embed_dim: 32, depth: 1, num_heads: 1}", "method.decoder_dim=32", "data.img_size=32",
+        "method.block_size=16", "data.num_workers=1", "optim.warmup_epochs=0", "train.micro_batch=8",
         "train.log_every=1", "train.ds_config=ds_configs/zero2_fp32.json"]
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                "CROSS_RANK", "CROSS_SIZE")
@@ -120,7 +120,7 @@ def test_two_slurm_tasks_form_one_group_and_train(small_beton, tmp_path):
     assert sorted(p.name for p in tag.glob("rng_rank*.pt")) == ["rng_rank000.pt", "rng_rank001.pt"]
     assert len(list(tag.glob("*optim_states.pt"))) == 2  # one ZeRO shard per rank
     # the trackers ran on rank 0 only, at the logged steps
-    from test_trackers import wandb_history
+    from conftest import wandb_history
 
     _, history = wandb_history(run)
     assert sorted(history) == [1, 2, 3] and history[3]["loss"] == pytest.approx(steps[-1]["loss"])

@@ -16,28 +16,25 @@ import torch
 from fastmim_ds.checkpoint import load, save
 from fastmim_ds.config import ClassifierCfg, PretrainCfg, load_config
 from fastmim_ds.ds_engine import create_engine
-from fastmim_ds.models import create_mim_model
+from fastmim_ds.methods import create_mim_model
 from fastmim_ds.models.classifier import create_classifier
 from fastmim_ds.weights import load_pretrained_encoder
 
 TINY_VIT = ["model.encoder_kwargs={embed_dim: 32, depth: 2, num_heads: 2}", "data.img_size=64",
-            "model.decoder_dim=32"]
-SWIN = ["model.encoder=swin_tiny_patch4_window7_224", "data.img_size=128", "mask.block_size=32",
+            "method.decoder_dim=32"]
+SWIN = ["model.encoder=swin_tiny_patch4_window7_224", "data.img_size=128", "method.block_size=32",
         "model.encoder_kwargs={embed_dim: 32, depths: [1, 1, 2, 1], num_heads: [1, 2, 2, 4], window_size: 4}",
-        "model.decoder_dim=32"]
-PVT = ["model.encoder=pvt_v2_b2", "data.img_size=64", "mask.block_size=32", "model.decoder_dim=32",
+        "method.decoder_dim=32"]
+PVT = ["model.encoder=pvt_v2_b2", "data.img_size=64", "method.block_size=32", "method.decoder_dim=32",
        "model.encoder_kwargs={embed_dims: [16, 32, 32, 64], depths: [1, 1, 1, 1], num_heads: [1, 2, 2, 4]}"]
-MIXMIM = ["method=mixmim", "model.encoder=mixmim_tiny_test", "model.decoder_dim=32", "model.decoder_depth=1",
-          "model.decoder_heads=1", "model.target=pixel", "mask.ratio=0.5", "mask.block_size=32", "data.img_size=64"]
-FAMILIES = {"vit": TINY_VIT, "swin": SWIN, "pvt_v2": PVT, "mixmim": MIXMIM}
+MIXMIM = ["method.name=mixmim", "model.encoder=mixmim_tiny_test", "method.decoder_dim=32", "method.decoder_depth=1",
+          "method.decoder_heads=1", "method.target=pixel", "method.mask_ratio=0.5", "data.img_size=64"]
+# the other methods' own encoder forwards: MAE's visible-token ViT, SimMIM's mask token after the Swin patch embedding
+MAE = [*TINY_VIT, "method.name=mae", "method.decoder_depth=1", "method.decoder_heads=1"]
+SIMMIM_SWIN = [*SWIN[:2], *SWIN[3:4], "method.name=simmim", "method.block_size=32"]
+FAMILIES = {"vit": TINY_VIT, "swin": SWIN, "pvt_v2": PVT, "mixmim": MIXMIM, "mae-vit": MAE, "simmim-swin": SIMMIM_SWIN}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _first_block(encoder: torch.nn.Module) -> torch.nn.Module:
@@ -52,13 +49,13 @@ def _mim_step(overrides: list[str], checkpointing: bool) -> tuple[float, dict[st
     """Loss, gradients and forward calls of the first encoder block for one step on a fixed batch and mask."""
     cfg = load_config(PretrainCfg, None, overrides + [f"model.grad_checkpointing={str(checkpointing).lower()}"])
     torch.manual_seed(0)
-    model = create_mim_model(cfg.method, cfg.model, cfg.mask, cfg.data.img_size).train()
+    model = create_mim_model(cfg.method, cfg.model, cfg.data.img_size).train()
     calls = []
     _first_block(model.encoder).register_forward_pre_hook(lambda *_: calls.append(1))
     size = cfg.data.img_size
     imgs = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(2)
-    mask = model.draw_mask() if cfg.method == "mixmim" else model.mask_generator(2, (size, size))
+    mask = model.draw_mask(2, (size, size))
     loss = model(imgs, mask)["loss"]
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -112,7 +109,7 @@ def test_grad_checkpointing_is_free_to_change_on_resume():
 def _engine(compiled: bool, backend: str, stage: int = 0):
     cfg = load_config(PretrainCfg, None, TINY_VIT)
     torch.manual_seed(0)
-    model = create_mim_model("fastmim", cfg.model, cfg.mask, 64)
+    model = create_mim_model(cfg.method, cfg.model, 64)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
           "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}

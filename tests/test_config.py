@@ -35,9 +35,9 @@ def _write(tmp_path, text: str, name: str = "cfg.yaml"):
 def test_defaults_only():
     cfg = load_config(PretrainCfg)
     assert cfg == PretrainCfg()
-    assert cfg.method == "fastmim"
+    assert cfg.method.name == "fastmim"
     assert cfg.data.img_size == 128
-    assert cfg.mask.ratio == 0.75 and cfg.mask.block_size == 16
+    assert cfg.method.mask_ratio == 0.75 and cfg.method.block_size == 16
     assert cfg.optim.blr == 1.5e-4 and cfg.optim.betas == (0.9, 0.95)
 
 
@@ -46,7 +46,7 @@ def test_precedence_defaults_yaml_overrides(tmp_path):
         tmp_path,
         "optim:\n  blr: 2.0e-4\n  weight_decay: 0.1\ntrain:\n  epochs: 5\n  micro_batch: 64\ndata:\n  img_size: 96\n",
     )
-    cfg = load_config(PretrainCfg, path, ["train.epochs=7", "optim.weight_decay=0.2", "mask.ratio=0.6"])
+    cfg = load_config(PretrainCfg, path, ["train.epochs=7", "optim.weight_decay=0.2", "method.mask_ratio=0.6"])
     # --set wins over the YAML file
     assert cfg.train.epochs == 7
     assert cfg.optim.weight_decay == 0.2
@@ -55,13 +55,13 @@ def test_precedence_defaults_yaml_overrides(tmp_path):
     assert cfg.train.micro_batch == 64
     assert cfg.data.img_size == 96
     # --set alone overrides a default
-    assert cfg.mask.ratio == 0.6
+    assert cfg.method.mask_ratio == 0.6
     # untouched keys keep their defaults, including siblings of overridden keys
     d = PretrainCfg()
     assert cfg.optim.betas == d.optim.betas
     assert cfg.train.grad_accum == d.train.grad_accum
     assert cfg.data.hflip == d.data.hflip
-    assert cfg.mask.block_size == d.mask.block_size
+    assert cfg.method.block_size == d.method.block_size
     assert cfg.model == d.model
 
 
@@ -82,9 +82,9 @@ def test_override_dict_value():
 
 
 def test_override_string_value():
-    cfg = load_config(PretrainCfg, None, ["train.run_name=my-run", "model.target=pixel"])
+    cfg = load_config(PretrainCfg, None, ["train.run_name=my-run", "method.target=pixel"])
     assert cfg.train.run_name == "my-run"
-    assert cfg.model.target == "pixel"
+    assert cfg.method.target == "pixel"
 
 
 def test_empty_yaml_file_gives_defaults(tmp_path):
@@ -101,6 +101,7 @@ def test_empty_yaml_file_gives_defaults(tmp_path):
         ("train.epoch=10", "train.epoch"),
         ("nosuchsection.key=1", "nosuchsection"),
         ("model.decoder_dims=128", "model.decoder_dims"),
+        ("method.decoder_dims=128", "method.decoder_dims"),
     ],
 )
 def test_unknown_override_key_names_full_dotted_key(override, dotted):
@@ -116,8 +117,46 @@ def test_unknown_yaml_key_names_full_dotted_key(tmp_path):
 
 
 def test_finetune_cfg_rejects_pretrain_only_key():
-    with pytest.raises(ConfigError, match=r"'mask'"):
-        load_config(FinetuneCfg, None, ["mask.ratio=0.5"])
+    with pytest.raises(ConfigError, match=r"'method'"):
+        load_config(FinetuneCfg, None, ["method.mask_ratio=0.5"])
+
+
+# ------------------------------------------------------------------------------------------- method section
+
+
+def test_method_section_is_parsed_by_the_methods_own_dataclass():
+    cfg = load_config(PretrainCfg, None, ["method.name=mae", "method.mask_ratio=0.6"])
+    assert type(cfg.method).__name__ == "MAECfg" and cfg.method.mask_ratio == 0.6
+    assert cfg.method.decoder_depth == 8 and cfg.method.decoder_dim == 512  # MAE's defaults, not FastMIM's
+    simmim = load_config(PretrainCfg, None, ["method.name=simmim"]).method
+    assert (simmim.mask_ratio, simmim.block_size, simmim.norm_pix_loss) == (0.6, 32, False)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method.name=mae", "method.block_size=16"],
+     "unknown key 'method.block_size' for method mae (valid keys of mae: name, mask_ratio, norm_pix_loss, "
+     "decoder_dim, decoder_depth, decoder_heads)"),
+    (["method.name=simmim", "method.target=hog"], "unknown key 'method.target' for method simmim"),
+    (["method.hog_bin=9"], "unknown key 'method.hog_bin' for method fastmim"),
+    (["method.name=nope"], "method.name: unknown 'nope' (choices: fastmim, mixmim, mae, simmim)"),
+    (["method.mask_ratio=high"], "method.mask_ratio: expected a number, got 'high'"),
+])
+def test_method_keys_are_strict_per_method(overrides, message):
+    with pytest.raises(ConfigError) as ei:
+        load_config(PretrainCfg, None, overrides)
+    assert str(ei.value).startswith(message) and "\n" not in str(ei.value)
+
+
+def test_old_layout_is_read_with_a_warning(tmp_path, caplog):
+    old = _write(tmp_path, "method: mixmim\nmodel: {encoder: mixmim_base, decoder_dim: 128, target: pixel}\n"
+                           "mask: {ratio: 0.5, block_size: 32}\n")
+    with caplog.at_level("WARNING", logger="fastmim_ds.config"):
+        cfg = load_config(PretrainCfg, old, ["mask.ratio=0.25"])
+    assert (cfg.method.name, cfg.method.mask_ratio, cfg.method.decoder_dim) == ("mixmim", 0.25, 128)
+    assert cfg.model.encoder == "mixmim_base"
+    (warning,) = caplog.messages
+    assert "old layout" in warning and "mask.ratio -> method.mask_ratio" in warning
+    assert "block_size dropped (method mixmim has no such key)" in warning  # MixMIM masks the last-stage grid
 
 
 def test_config_error_is_value_error():
@@ -308,7 +347,7 @@ def _nondefault_pretrain():
             "optim.blr=1e-4",
             "train.run_name=rt",
             "data.hflip=false",
-            "mask.ratio=0.6",
+            "method.mask_ratio=0.6",
         ],
     )
 
@@ -372,7 +411,7 @@ def test_every_shipped_config_loads_and_validates(path):
     ("pretrain", ["model.encoder=swin_tiny_patch4_window7_224", "model.encoder_kwargs={depth: 2}"],
      "model.encoder_kwargs: SwinTransformer (swin_tiny_patch4_window7_224) takes no argument 'depth' "
      "(did you mean 'depths'?)"),
-    ("pretrain", ["method=mixmim", "model.encoder=mixmim_tiny_test", "model.encoder_kwargs={foo: 1}"],
+    ("pretrain", ["method.name=mixmim", "model.encoder=mixmim_tiny_test", "model.encoder_kwargs={foo: 1}"],
      "model.encoder_kwargs: MixMIMTransformer (mixmim_tiny_test) takes no argument 'foo'"),
     ("finetune", ["model.name=vit_tiny_patch16_224", "model.kwargs={dept: 6}"],
      "model.kwargs: VisionTransformer (vit_tiny_patch16_224) takes no argument 'dept' (did you mean 'depth'?)"),

@@ -20,8 +20,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 # the shared 2-rank run: 8-px patches (an 8x8 token grid at 64 px) and the norm-pix target, the demo's settings, so
 # its reconstruction skill must beat the mean predictor within the 28 steps
-SHARED = ["model.encoder_kwargs={embed_dim: 64, depth: 2, num_heads: 2, patch_size: 8}", "model.decoder_dim: 64",
-          "model.target: pixel"]
+SHARED = ["model.encoder_kwargs={embed_dim: 64, depth: 2, num_heads: 2, patch_size: 8}", "method.decoder_dim: 64",
+          "method.target: pixel"]
 
 
 def _sets(items: list[str]) -> list[str]:
@@ -153,8 +153,8 @@ def test_finetune_loads_pretrained_and_reports_top1(pretrain_run, small_beton, t
 
 def test_bf16_zero2_two_ranks(small_beton, tmp_path):
     args = ["pretrain", *_sets([
-        "model.encoder_kwargs={embed_dim: 32, depth: 1, num_heads: 1}", "model.decoder_dim=32",
-        f"data.train={small_beton / 'train.beton'}", "data.img_size=32", "data.num_workers=1", "mask.block_size=16",
+        "model.encoder_kwargs={embed_dim: 32, depth: 1, num_heads: 1}", "method.decoder_dim=32",
+        f"data.train={small_beton / 'train.beton'}", "data.img_size=32", "data.num_workers=1", "method.block_size=16",
         "optim.warmup_epochs=0", "train.epochs=1", "train.micro_batch=8", "train.max_steps_per_epoch=3",
         "train.log_every=1", f"train.output_dir={tmp_path}", "train.run_name=bf16",
         "train.ds_config=ds_configs/zero2_bf16.json",
@@ -171,7 +171,7 @@ def test_quality_signals_under_zero3_on_two_ranks(small_beton, tmp_path):
     ds.write_text(json.dumps({"bf16": {"enabled": False}, "steps_per_print": 10**9,
                               "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
     args = ["pretrain", *_sets([
-        "model.encoder_kwargs={embed_dim: 32, depth: 1, num_heads: 1}", "model.decoder_dim=32",
+        "model.encoder_kwargs={embed_dim: 32, depth: 1, num_heads: 1}", "method.decoder_dim=32",
         f"data.train={small_beton / 'train.beton'}", f"data.val={small_beton / 'val.beton'}", "data.img_size=32",
         "data.num_workers=1", "optim.warmup_epochs=0", "train.epochs=1", "train.micro_batch=8",
         "train.max_steps_per_epoch=2", f"train.output_dir={tmp_path}", "train.run_name=z3", f"train.ds_config={ds}",

@@ -5,14 +5,23 @@ same input; the file carries timm's pretrained_cfg (input size, mean/std) and a 
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import timm
 import torch
+from conftest import (
+    CLASSES,
+    TINY_MAE,
+    TINY_MIXMIM,
+    TINY_SIMMIM,
+    TINY_SWIN,
+    TINY_VIT,
+    ZERO3_ALL_PARTITIONED,
+    finetune_run,
+    pretrain_run,
+    save_with_engine,
+)
 
-from fastmim_ds.checkpoint import save
-from fastmim_ds.config import ClassifierCfg, FinetuneCfg, PretrainCfg, load_config, to_dict
+from fastmim_ds.config import PretrainCfg, load_config, to_dict
 from fastmim_ds.export import (
     create_model_from_export,
     export,
@@ -20,75 +29,18 @@ from fastmim_ds.export import (
     read_export_config,
     timm_call,
 )
-from fastmim_ds.models import create_mim_model
-from fastmim_ds.models.classifier import create_classifier, fold_probe_head
+from fastmim_ds.methods import create_mim_model
+from fastmim_ds.models.classifier import fold_probe_head
 
 pytestmark = [pytest.mark.usefixtures("one_rank_group"), pytest.mark.timeout(300)]
-
-TINY_VIT = ["model.encoder_kwargs={embed_dim: 64, depth: 2, num_heads: 2}", "data.img_size=64"]
-TINY_SWIN = ["model.encoder=swin_tiny_patch4_window7_224", "data.img_size=128", "mask.block_size=32",
-             "model.encoder_kwargs={embed_dim: 32, depths: [1, 1, 2, 1], num_heads: [1, 2, 2, 4], window_size: 4}",
-             "model.decoder_dim=64"]
-TINY_MIXMIM = ["method=mixmim", "model.encoder=mixmim_tiny_test", "data.img_size=64", "mask.block_size=32",
-               "mask.ratio=0.5", "model.target=pixel", "model.decoder_dim=32", "model.decoder_depth=1"]
-CLASSES = ["cat", "dog", "emu"]
-# ZeRO-3 keeps parameters below 1e5 elements whole on every rank by default: a tiny model would not be partitioned
-ZERO3_ALL_PARTITIONED = {"stage": 3, "stage3_param_persistence_threshold": 0}
-
-
-def save_with_engine(model: torch.nn.Module, ckpt_dir: Path, client: dict, *, steps: int = 1, stage: int = 2,
-                     img_size: int = 64, batch: int = 2) -> object:
-    """Wraps ``model`` in a 1-rank DeepSpeed engine (ZeRO ``stage``, fp32), takes ``steps`` AdamW steps on random
-    images (so the saved fp32 master weights are the trained ones) and saves a complete checkpoint."""
-    import deepspeed
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    cfg = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
-           "zero_optimization": ZERO3_ALL_PARTITIONED if stage == 3 else {"stage": stage}, "steps_per_print": 10**9}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=1e-2), config=cfg)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        out = engine(torch.randn(batch, 3, img_size, img_size, generator=g))
-        loss = out["loss"] if isinstance(out, dict) else out.float().pow(2).mean()
-        engine.backward(loss)
-        engine.step()
-    save(engine, ckpt_dir, tag=f"step{steps:08d}", client_state={**client, "epoch": 1, "global_step": steps},
-         keep_last=1)
-    return engine
-
-
-def pretrain_run(tmp_path: Path, overrides: list[str]) -> tuple[PretrainCfg, torch.nn.Module, Path]:
-    """A pre-training run folder ``tmp_path/run`` with one ZeRO-2 checkpoint; returns (cfg, trained MIM model, run)."""
-    cfg = load_config(PretrainCfg, None, overrides)
-    torch.manual_seed(0)
-    mim = create_mim_model(cfg.method, cfg.model, cfg.mask, cfg.data.img_size)
-    run = tmp_path / "run"
-    engine = save_with_engine(mim, run / "ckpt", {"config": to_dict(cfg), "method": cfg.method},
-                              img_size=cfg.data.img_size)
-    return cfg, engine.module.eval(), run
-
-
-def finetune_run(tmp_path: Path, *, name: str = "vit_base_patch16_224", img_size: int = 64,
-                 kwargs: dict | None = None) -> tuple[torch.nn.Module, Path]:
-    """A fine-tuning run folder with a 3-class classifier checkpoint (class names stored as finetune.py does)."""
-    kwargs = kwargs if kwargs is not None else {"embed_dim": 64, "depth": 2, "num_heads": 2}
-    cfg = load_config(FinetuneCfg, None, [f"model.name={name}", f"data.img_size={img_size}"])
-    cfg.model.kwargs.update(kwargs)
-    torch.manual_seed(0)
-    clf, _ = create_classifier(ClassifierCfg(name=name, kwargs=kwargs), num_classes=len(CLASSES), img_size=img_size)
-    torch.nn.init.normal_(clf.get_classifier().weight, std=0.5)  # a head that separates the classes
-    run = tmp_path / "ft"
-    client = {"config": to_dict(cfg), "classes": CLASSES, "num_classes": len(CLASSES), "model_name": name,
-              "pretrain_config": {}}
-    engine = save_with_engine(clf, run / "ckpt", client, img_size=img_size)
-    return engine.module.eval(), run
-
 
 def _images(size: int, n: int = 2) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(3))
 
 
-@pytest.mark.parametrize("overrides, family", [(TINY_VIT, "vit"), (TINY_SWIN, "swin"), (TINY_MIXMIM, "mixmim")])
+@pytest.mark.parametrize("overrides, family", [(TINY_VIT, "vit"), (TINY_SWIN, "swin"), (TINY_MIXMIM, "mixmim"),
+                                               (TINY_MAE, "vit"), (TINY_SIMMIM, "vit")],
+                         ids=["fastmim-vit", "fastmim-swin", "mixmim", "mae-vit", "simmim-vit"])
 def test_pretrain_export_loads_in_plain_timm_with_equal_features(tmp_path, overrides, family):
     cfg, mim, run = pretrain_run(tmp_path, overrides)
     out = tmp_path / "model.safetensors"
@@ -231,11 +183,11 @@ def test_zero3_checkpoint_exports_the_trained_weights_and_resumes_the_same_step(
     from fastmim_ds.checkpoint import load
 
     cfg = load_config(PretrainCfg, None, TINY_VIT)
-    client = {"config": to_dict(cfg), "method": cfg.method}
+    client = {"config": to_dict(cfg), "method": cfg.method.name}
 
     def fresh():
         torch.manual_seed(0)
-        return create_mim_model(cfg.method, cfg.model, cfg.mask, cfg.data.img_size)
+        return create_mim_model(cfg.method, cfg.model, cfg.data.img_size)
 
     init = fresh().encoder.state_dict()
     run = tmp_path / "run"

@@ -6,7 +6,7 @@ import torch
 from timm.layers import build_sincos2d_pos_embed
 
 from fastmim_ds.config import ClassifierCfg
-from fastmim_ds.models import create_mim_model
+from fastmim_ds.methods import create_mim_model
 from fastmim_ds.models.adapters import ViTAdapter
 from fastmim_ds.models.classifier import create_classifier
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(scope="module")
 def pretrained_file(tiny_vit_cfg, tmp_path_factory):
     torch.manual_seed(0)
-    mim = create_mim_model(tiny_vit_cfg.method, tiny_vit_cfg.model, tiny_vit_cfg.mask, 64)
+    mim = create_mim_model(tiny_vit_cfg.method, tiny_vit_cfg.model, 64)
     path = tmp_path_factory.mktemp("pre") / "mim.pth"
     cfg = {"model": {"encoder": tiny_vit_cfg.model.encoder, "encoder_kwargs": tiny_vit_cfg.model.encoder_kwargs}}
     torch.save({"model": mim.state_dict(), "config": cfg}, path)

@@ -21,7 +21,6 @@ from timm.optim import param_groups_layer_decay
 from fastmim_ds.config import (
     ClassifierCfg,
     FinetuneCfg,
-    MaskCfg,
     MIMModelCfg,
     OptimCfg,
     PretrainCfg,
@@ -29,13 +28,15 @@ from fastmim_ds.config import (
     load_config,
 )
 from fastmim_ds.masking import upsample_mask
-from fastmim_ds.models import FastMIM, adapter_for, create_mim_model
+from fastmim_ds.methods import FastMIM, create_mim_model
+from fastmim_ds.methods.fastmim import FastMIMCfg
+from fastmim_ds.models import adapter_for
 from fastmim_ds.models.adapters import PVTv2Adapter, SwinAdapter, clipped_relative_position_index, fastmim_layer_id
 from fastmim_ds.models.classifier import create_classifier
 from fastmim_ds.optim import build_optimizer
 from fastmim_ds.targets import HOGTarget
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
 
 B = 2
 SWIN = "swin_tiny_patch4_window7_224"
@@ -48,20 +49,12 @@ RESOLVED = Resolved(world_size=1, eff_batch=256, lr=1e-3, min_lr=0.0)
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models gain nothing from intra-op threads; on shared cores OpenMP spinning made this file 10x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _build(family: str, img_size: int = 128, **kwargs_changes) -> FastMIM:
     name, kw = FAMILIES[family]
-    model = MIMModelCfg(encoder=name, encoder_kwargs={**kw, **kwargs_changes}, decoder_dim=64, decoder_depth=2)
+    model = MIMModelCfg(encoder=name, encoder_kwargs={**kw, **kwargs_changes})
     torch.manual_seed(0)
-    return create_mim_model("fastmim", model, MaskCfg(ratio=0.75, block_size=32), img_size)
+    method = FastMIMCfg(mask_ratio=0.75, block_size=32, decoder_dim=64, decoder_depth=2)
+    return create_mim_model(method, model, img_size)
 
 
 def _imgs(size: int, seed: int = 0) -> torch.Tensor:
@@ -149,7 +142,7 @@ def test_mask_token_and_target_align_with_stride32_grid(family):
 def test_resolution_schedule_64_96_128_trains(family, tiny_vit_cfg):
     if family == "vit":
         torch.manual_seed(0)
-        model = create_mim_model("fastmim", tiny_vit_cfg.model, tiny_vit_cfg.mask, 128)
+        model = create_mim_model(tiny_vit_cfg.method, tiny_vit_cfg.model, 128)
     else:
         model = _build(family, img_size=128)  # FastMIM-P builds at the final size (data.img_size)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -230,7 +223,7 @@ def test_swin_window_rule_errors_name_sizes_that_work():
 
 def test_vit_set_img_size_regenerates_sincos(tiny_vit_cfg):
     torch.manual_seed(0)
-    model = create_mim_model("fastmim", tiny_vit_cfg.model, tiny_vit_cfg.mask, 64).eval()
+    model = create_mim_model(tiny_vit_cfg.method, tiny_vit_cfg.model, 64).eval()
     pe = model.encoder.pos_embed
     original = pe.detach().clone()
     model.set_img_size(96)
@@ -243,13 +236,13 @@ def test_vit_set_img_size_regenerates_sincos(tiny_vit_cfg):
     assert (resampled[0, 1:] - expected[1:]).abs().max() > 0.1
     # the encoder at 96 px is exactly the encoder built at 96 px with the same weights
     torch.manual_seed(0)
-    built96 = create_mim_model("fastmim", tiny_vit_cfg.model, tiny_vit_cfg.mask, 96).eval()
+    built96 = create_mim_model(tiny_vit_cfg.method, tiny_vit_cfg.model, 96).eval()
     built96.load_state_dict(model.state_dict())
     imgs, mask = _imgs(96, seed=7), _grid_mask(6, seed=4)
     with torch.no_grad():
         assert torch.equal(model(imgs, mask=mask)["pred"], built96(imgs, mask=mask)["pred"])
     # a checkpoint written in a 96-px stage resumes into an encoder built (and still) at 64 px, and vice versa
-    fresh = create_mim_model("fastmim", tiny_vit_cfg.model, tiny_vit_cfg.mask, 64).eval()
+    fresh = create_mim_model(tiny_vit_cfg.method, tiny_vit_cfg.model, 64).eval()
     fresh.load_state_dict(model.state_dict())
     assert torch.equal(fresh.encoder.pos_embed, original)
     built96.load_state_dict(fresh.state_dict())
@@ -275,7 +268,7 @@ def test_truncated_encoder_keeps_grid_and_finetune_reports_removed_blocks(family
     if family == "vit":
         name, kw, size = tiny_vit_cfg.model.encoder, tiny_vit_cfg.model.encoder_kwargs, 64
         torch.manual_seed(0)
-        mim = create_mim_model("fastmim", tiny_vit_cfg.model, tiny_vit_cfg.mask, size)
+        mim = create_mim_model(tiny_vit_cfg.method, tiny_vit_cfg.model, size)
     else:
         (name, kw), size = FAMILIES[family], 128
         mim = _build(family, img_size=size)
@@ -306,8 +299,8 @@ def test_pretrained_weights_of_another_architecture_raise(tmp_path):
 
 def test_encoder_blocks_config_truncates():
     name, kw = FAMILIES["swin"]
-    cfg = MIMModelCfg(encoder=name, encoder_kwargs=kw, decoder_dim=64, decoder_depth=1, encoder_blocks=3)
-    mim = create_mim_model("fastmim", cfg, MaskCfg(block_size=32), 128)
+    cfg = MIMModelCfg(encoder=name, encoder_kwargs=kw, encoder_blocks=3)
+    mim = create_mim_model(FastMIMCfg(block_size=32, decoder_dim=64, decoder_depth=1), cfg, 128)
     assert [len(s.blocks) for s in mim.encoder.layers] == [1, 1, 1, 0]
 
 
@@ -378,7 +371,7 @@ def test_layer_decay_follows_fastmim_ids():
         assert timm_scale[name][0] == pytest.approx(scale[name][0]), name
     assert timm_scale["norm.weight"][0] == pytest.approx(0.8)
     assert timm_scale["layers.1.downsample.reduction.weight"][0] == pytest.approx(0.8**4)
-    # Swin-B (2, 2, 18, 2) ids of FastMIM util/lr_decay.py (METHODS.md section 2): 25 layers, stem 0.8^25 = 0.0038
+    # Swin-B (2, 2, 18, 2) ids of FastMIM util/lr_decay.py (docs/methods.md §2): 25 layers, stem 0.8^25 = 0.0038
     swin_b = {"patch_embed.proj.weight": 0, "layers.1.downsample.reduction.weight": 2,
               "layers.1.blocks.0.norm1.bias": 3, "layers.2.blocks.17.mlp.fc2.weight": 22,
               "layers.3.downsample.norm.weight": 22, "layers.3.blocks.1.attn.qkv.weight": 24, "norm.weight": 25,
@@ -407,8 +400,8 @@ def test_swin_base_and_pvtv2_b2_configs_build(tmp_path):
     swin = load_config(PretrainCfg, CONFIGS / "fastmim_swin_base_128_400ep.yaml")
     pvt = load_config(PretrainCfg, CONFIGS / "fastmim_pvtv2_b2_128_400ep.yaml")
     with torch.device("meta"):
-        swin_b = create_mim_model(swin.method, swin.model, swin.mask, swin.data.img_size)
-        pvt_b2 = create_mim_model(pvt.method, pvt.model, pvt.mask, pvt.data.img_size)
+        swin_b = create_mim_model(swin.method, swin.model, swin.data.img_size)
+        pvt_b2 = create_mim_model(pvt.method, pvt.model, pvt.data.img_size)
     for m in (swin_b, pvt_b2):
         assert m.stride == 32 and m.decoder.pred.out_features == 432 and len(m.decoder.blocks) == 4
         assert m.decoder.embed.out_features == 256 and m.mask_generator.block_size == 32

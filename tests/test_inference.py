@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import CLASSES, TINY_VIT, finetune_run, pretrain_run  # noqa: F401  (fixture)
 from PIL import Image
 from timm.data import create_transform
 
 import fastmim_ds
 from fastmim_ds.export import export
 from fastmim_ds.inference import Prediction, Predictor
-
-from test_export import CLASSES, TINY_VIT, finetune_run, pretrain_run  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.usefixtures("one_rank_group"), pytest.mark.timeout(300)]
 

@@ -7,13 +7,11 @@ import json
 import pytest
 import timm
 import torch
-from conftest import REPO
+from conftest import REPO, TINY_SWIN, TINY_VIT, pretrain_run  # noqa: F401  (fixture)
 
 from fastmim_ds.config import ClassifierCfg, ConfigError, LinprobeCfg, LinprobeOptimCfg, load_config
 from fastmim_ds.export import create_model_from_export, export, read_checkpoint_model
 from fastmim_ds.linprobe import build_probe_optimizer, check_linprobe, create_probe, probe_ds_config
-
-from test_export import TINY_SWIN, TINY_VIT, pretrain_run  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.usefixtures("one_rank_group"), pytest.mark.timeout(300)]
 

@@ -18,21 +18,19 @@ from timm.models.swin_transformer import PatchMerging
 from timm.optim import param_groups_layer_decay
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastmim_ds.config import ClassifierCfg, FinetuneCfg, PretrainCfg, load_config
-from fastmim_ds.models import METHODS, adapter_for, create_mim_model
+from fastmim_ds.config import ClassifierCfg, ConfigError, FinetuneCfg, PretrainCfg, load_config
+from fastmim_ds.methods import METHODS, create_mim_model
+from fastmim_ds.methods.mixmim import MixMIM, draw_mix_mask, dual_decoder_inputs, unmix
+from fastmim_ds.models import adapter_for
 from fastmim_ds.models.classifier import create_classifier
 from fastmim_ds.models.mixmim import (
-    MixMIM,
     MixMIMAdapter,
     MixMIMTransformer,
     WindowAttention,
     checkpoint_filter_fn,
-    draw_mix_mask,
-    dual_decoder_inputs,
     mix_tokens,
     sincos_pos_embed,
     stage_windows,
-    unmix,
 )
 from fastmim_ds.targets import PixelTarget
 
@@ -41,9 +39,9 @@ pytestmark = pytest.mark.timeout(120)
 REPO = Path(__file__).resolve().parents[1]
 B = 4
 TINY = [
-    "method=mixmim", "model.encoder=mixmim_tiny_test", "model.decoder_dim=32", "model.decoder_depth=1",
-    "model.decoder_heads=2", "model.target=pixel", "model.norm_pix_loss=true", "mask.ratio=0.5",
-    "mask.block_size=32", "data.img_size=64",
+    "method.name=mixmim", "model.encoder=mixmim_tiny_test", "method.decoder_dim=32", "method.decoder_depth=1",
+    "method.decoder_heads=2", "method.target=pixel", "method.norm_pix_loss=true", "method.mask_ratio=0.5",
+    "data.img_size=64",
 ]
 # 96 px: stage grids 24/12/6/3, mask cells of 8/4/2/1 tokens; windows 12/6 straddle mask cells (like W14 over
 # 8-token cells at 224 px), so windows hold tokens of both images in every stage
@@ -57,7 +55,7 @@ def _cfg(*extra: str) -> PretrainCfg:
 def _build(*extra: str) -> MixMIM:
     cfg = _cfg(*extra)
     torch.manual_seed(0)
-    return create_mim_model(cfg.method, cfg.model, cfg.mask, cfg.data.img_size)
+    return create_mim_model(cfg.method, cfg.model, cfg.data.img_size)
 
 
 @pytest.fixture(scope="module")
@@ -113,14 +111,14 @@ def test_architecture(name, dim, heads):
 def test_mixmim_base_parameter_count():
     """mmpretrain metafile: 88,344,000 params for MixMIM-B *with its 1000-class head*, 114.7 M with the decoder.
 
-    METHODS.md 3.1 calls 88.3 M "the encoder"; the count includes the head (1,025,000) and the frozen absolute
+    docs/methods.md §3.1 calls 88.3 M "the encoder"; the count includes the head (1,025,000) and the frozen absolute
     position table (401,408). Without the head the encoder has 87.32 M (86.92 M trainable).
     """
     with torch.device("meta"):
         clf = timm.create_model("mixmim_base", num_classes=1000)
         enc = timm.create_model("mixmim_base", num_classes=0)
         cfg = load_config(PretrainCfg, REPO / "configs/mixmim_base_224_600ep.yaml")
-        mim = create_mim_model(cfg.method, cfg.model, cfg.mask, cfg.data.img_size)
+        mim = create_mim_model(cfg.method, cfg.model, cfg.data.img_size)
 
     def count(m, trainable=False):
         return sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)
@@ -446,12 +444,12 @@ def test_pretrain_decoder_and_init(mim):
 def test_build_errors():
     with pytest.raises(ValueError, match="multiples of the output stride"):
         _build("data.img_size=80")
-    with pytest.raises(ValueError, match="block_size=32"):
-        _build("mask.block_size=16")
+    with pytest.raises(ConfigError, match="unknown key 'method.block_size' for method mixmim"):
+        _build("method.block_size=32")  # the mixing mask lives on the last-stage grid: no block size to set
     with pytest.raises(ValueError, match="mixmim_base"):
         _build("model.encoder=vit_base_patch16_224")
     with pytest.raises(ValueError, match="at least one token"):
-        _build("mask.ratio=0.2")  # int(4 * 0.2) = 0 of the 2x2 grid
+        _build("method.mask_ratio=0.2")  # int(4 * 0.2) = 0 of the 2x2 grid
     with pytest.raises(ValueError, match="window"):  # 96 px with the preset's windows (8, 4, 4, 2): 6 % 4
         _build("data.img_size=96")
 
@@ -467,9 +465,9 @@ def test_image_size_is_fixed(mim):
 
 def test_configs_load_and_build():
     pre = load_config(PretrainCfg, REPO / "configs/mixmim_base_224_600ep.yaml")
-    assert pre.method == "mixmim" and pre.model.encoder == "mixmim_base" and pre.train.micro_batch % 2 == 0
+    assert pre.method.name == "mixmim" and pre.model.encoder == "mixmim_base" and pre.train.micro_batch % 2 == 0
     with torch.device("meta"):
-        m = create_mim_model(pre.method, pre.model, pre.mask, pre.data.img_size)
+        m = create_mim_model(pre.method, pre.model, pre.data.img_size)
     assert isinstance(m, MixMIM) and m.grid == (7, 7) and int(49 * m.mask_ratio) == 24
     assert len(m.decoder.blocks) == 8 and m.decoder.blocks[0].attn.num_heads == 16
     assert m.decoder.embed.out_features == 512
@@ -492,9 +490,9 @@ def test_encoder_blocks_truncates_across_stages(tmp_path):
 
 def test_fastmim_method_runs_on_a_mixmim_encoder():
     """The adapter makes MixMIM backbones usable by the FastMIM wrapper too (pixel mask token, 32-px blocks)."""
-    cfg = _cfg("method=fastmim", "model.target=hog", "mask.ratio=0.75")
+    cfg = _cfg("method.name=fastmim", "method.block_size=32", "method.target=hog", "method.mask_ratio=0.75")
     torch.manual_seed(0)
-    m = create_mim_model(cfg.method, cfg.model, cfg.mask, 64)
+    m = create_mim_model(cfg.method, cfg.model, 64)
     out = m(_imgs(b=2))
     assert out["pred"].shape == (2, 4, 3 * 9 * 16) and torch.isfinite(out["loss"])
 
@@ -503,7 +501,7 @@ def test_fastmim_method_runs_on_a_mixmim_encoder():
 
 
 def test_layer_decay_head_at_full_lr():
-    """mmpretrain's table (METHODS.md 2): 26 groups, scale 0.7^(25 - id); head 1.0, final norm 0.7, PatchMerging
+    """mmpretrain's table (docs/methods.md §2): 26 groups, scale 0.7^(25 - id); head 1.0, final norm 0.7, PatchMerging
     with its stage's last block, patch embedding 0.7^25; the frozen absolute position table is not optimised."""
     with torch.device("meta"):
         m = timm.create_model("mixmim_base", num_classes=10)

@@ -1,4 +1,4 @@
-"""fastmim_ds.models: the FastMIM wrapper on a tiny timm ViT/16 (fp32, CPU)."""
+"""fastmim_ds.methods.fastmim: the FastMIM wrapper on a tiny timm ViT/16 (fp32, CPU)."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +9,7 @@ import torch
 from fastmim_ds.config import PretrainCfg
 from fastmim_ds.losses import masked_mse
 from fastmim_ds.masking import upsample_mask
-from fastmim_ds.models import FastMIM, create_mim_model
+from fastmim_ds.methods import FastMIM, create_mim_model
 from fastmim_ds.targets import HOGTarget
 
 pytestmark = pytest.mark.timeout(120)
@@ -17,10 +17,10 @@ pytestmark = pytest.mark.timeout(120)
 B = 2
 
 
-def _build(cfg: PretrainCfg, img_size: int = 64, **model_changes) -> FastMIM:
-    model_cfg = dataclasses.replace(cfg.model, **model_changes) if model_changes else cfg.model
+def _build(cfg: PretrainCfg, img_size: int = 64, **method_changes) -> FastMIM:
+    method = dataclasses.replace(cfg.method, **method_changes) if method_changes else cfg.method
     torch.manual_seed(0)
-    return create_mim_model(cfg.method, model_cfg, cfg.mask, img_size)
+    return create_mim_model(method, cfg.model, img_size)
 
 
 @pytest.fixture()
@@ -134,9 +134,9 @@ def test_same_model_accepts_several_sizes(model, size, tokens, masked):
 
 
 def test_block_larger_than_patch(tiny_vit_cfg):
-    cfg = dataclasses.replace(tiny_vit_cfg, mask=dataclasses.replace(tiny_vit_cfg.mask, block_size=32))
+    cfg = dataclasses.replace(tiny_vit_cfg, method=dataclasses.replace(tiny_vit_cfg.method, block_size=32))
     torch.manual_seed(0)
-    m = create_mim_model(cfg.method, cfg.model, cfg.mask, 64)
+    m = create_mim_model(cfg.method, cfg.model, 64)
     out = m(_imgs())
     mask = out["mask"].view(B, 4, 4)
     # 2x2 blocks of 32 px, 3 masked; each block covers 2x2 tokens of 16 px
@@ -151,7 +151,7 @@ def test_block_larger_than_patch(tiny_vit_cfg):
 
 def test_img_size_not_divisible_by_block_raises(tiny_vit_cfg, model):
     with pytest.raises(ValueError, match="72"):
-        create_mim_model(tiny_vit_cfg.method, tiny_vit_cfg.model, tiny_vit_cfg.mask, 72)
+        create_mim_model(tiny_vit_cfg.method, tiny_vit_cfg.model, 72)
     with pytest.raises(ValueError, match="divisible"):
         model.check_img_size(72)
     with pytest.raises(ValueError):
@@ -160,14 +160,14 @@ def test_img_size_not_divisible_by_block_raises(tiny_vit_cfg, model):
 
 
 def test_block_not_multiple_of_patch_raises(tiny_vit_cfg):
-    mask = dataclasses.replace(tiny_vit_cfg.mask, block_size=24)
+    method = dataclasses.replace(tiny_vit_cfg.method, block_size=24)
     with pytest.raises(ValueError, match="multiple of the encoder stride"):
-        create_mim_model(tiny_vit_cfg.method, tiny_vit_cfg.model, mask, 48)
+        create_mim_model(method, tiny_vit_cfg.model, 48)
 
 
 def test_unknown_method_raises(tiny_vit_cfg):
     with pytest.raises(ValueError, match="fastmim") as ei:
-        create_mim_model("simmim_typo", tiny_vit_cfg.model, tiny_vit_cfg.mask, 64)
+        create_mim_model(dataclasses.replace(tiny_vit_cfg.method, name="simmim_typo"), tiny_vit_cfg.model, 64)
     assert "simmim_typo" in str(ei.value)
 
 
@@ -175,7 +175,7 @@ def test_unknown_method_raises(tiny_vit_cfg):
 def test_unknown_encoder_raises(tiny_vit_cfg, encoder, match):
     model_cfg = dataclasses.replace(tiny_vit_cfg.model, encoder=encoder, encoder_kwargs={})
     with pytest.raises(ValueError, match=match):
-        create_mim_model(tiny_vit_cfg.method, model_cfg, tiny_vit_cfg.mask, 64)
+        create_mim_model(tiny_vit_cfg.method, model_cfg, 64)
 
 
 # ------------------------------------------------------------------------------------------- masking in the model

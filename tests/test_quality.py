@@ -12,10 +12,10 @@ from fastmim_ds.cli import main as cli
 from fastmim_ds.config import PretrainCfg, PretrainEvalCfg, load_config
 from fastmim_ds.data.loaders import dataset_labels, labeled_subset
 from fastmim_ds.knn import knn_evaluate, knn_predict, knn_top1
-from fastmim_ds.models import create_mim_model
+from fastmim_ds.methods import create_mim_model
 from fastmim_ds.quality import QualityMonitor, mean_target, skill_sums, spread_indices
 
-TINY = ["model.encoder_kwargs={embed_dim: 32, depth: 1, num_heads: 1}", "model.decoder_dim=32", "data.img_size=32"]
+TINY = ["model.encoder_kwargs={embed_dim: 32, depth: 1, num_heads: 1}", "method.decoder_dim=32", "data.img_size=32"]
 
 
 def _clusters(n_per_class: int, num_classes: int, dim: int, spread: float, seed: int):
@@ -90,7 +90,7 @@ def test_labeled_subset_is_class_balanced_seeded_and_stable(small_beton):
 def test_quality_monitor_on_real_images(small_beton, one_rank_group):
     cfg = load_config(PretrainCfg, None, TINY)
     torch.manual_seed(0)
-    model = create_mim_model(cfg.method, cfg.model, cfg.mask, 32)
+    model = create_mim_model(cfg.method, cfg.model, 32)
     ev = PretrainEvalCfg(skill_every=1, skill_images=16, skill_mean_images=64, knn_every=2, batch_size=32)
     mon = QualityMonitor(ev, train=str(small_beton / "train.beton"), val=str(small_beton / "val.beton"),
                          num_classes=10, rank=0, world_size=1, device=torch.device("cpu"), num_workers=1)
@@ -137,9 +137,9 @@ def test_untrained_decoder_starts_near_the_mean_predictor(target, small_beton):
     predictions had ~30x the target's variance) and tens of updates went into shrinking them."""
     from fastmim_ds.data.loaders import build_val_loader
 
-    cfg = load_config(PretrainCfg, None, [*TINY, f"model.target={target}"])
+    cfg = load_config(PretrainCfg, None, [*TINY, f"method.target={target}"])
     torch.manual_seed(0)
-    model = create_mim_model(cfg.method, cfg.model, cfg.mask, 32)
+    model = create_mim_model(cfg.method, cfg.model, 32)
     loader = build_val_loader(str(small_beton / "val.beton"), img_size=32, batch_size=64, crop_ratio=0.875,
                               num_workers=1, rank=0, world_size=1, device=torch.device("cpu"))
     images = next(iter(loader))[0].clone()

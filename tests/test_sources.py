@@ -111,7 +111,7 @@ def test_unlabeled_is_refused_by_finetune_and_linprobe(unlabeled_out, capsys):
 @pytest.mark.timeout(600)
 def test_pretrain_on_unlabeled_folder(unlabeled_out, tmp_path):
     """2 CPU ranks, tiny ViT, one epoch cut at 2 steps (7 images, 1 per rank), reconstruction skill on val."""
-    sets = ["model.encoder_kwargs={embed_dim: 32, depth: 1, num_heads: 2}", "model.decoder_dim=32",
+    sets = ["model.encoder_kwargs={embed_dim: 32, depth: 1, num_heads: 2}", "method.decoder_dim=32",
             f"data.train={unlabeled_out / 'train.beton'}", f"data.val={unlabeled_out / 'val.beton'}",
             "data.img_size=64", "data.num_workers=1", "optim.warmup_epochs=0", "train.epochs=1",
             "train.micro_batch=1", "train.max_steps_per_epoch=2", "train.log_every=1", "eval.skill_images=2",

@@ -3,54 +3,16 @@
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import pytest
+from conftest import wandb_history
 
 from fastmim_ds.config import ConfigError, PretrainCfg, TrainCfg, load_config
 from fastmim_ds.metrics import MetricsWriter
 from fastmim_ds.trackers import build_trackers, check_tracker_packages, default_mlflow_uri
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def wandb_history(run_dir: Path) -> tuple[dict, dict[int, dict]]:
-    """(run record fields, {step: logged values}) read from the offline ``run-<id>.wandb`` files under ``run_dir``.
-
-    The file is a LevelDB-style log (wandb's datastore: a 7-byte ``:W&B`` header, 32 KiB blocks, chunks of
-    crc32 / length / type) of ``wandb_internal_pb2.Record`` protobufs.
-    """
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    run, history = {}, {}
-    for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
-        data = path.read_bytes()
-        assert data[:4] == b":W&B"
-        pos, buf = 7, b""
-        while pos + 7 <= len(data):
-            left = 32768 - pos % 32768
-            if left < 7:
-                pos += left
-                continue
-            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-            if length == 0 and kind == 0:
-                break
-            chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-            buf = chunk if kind in (1, 2) else buf + chunk  # FULL/FIRST start a record, MIDDLE/LAST extend it
-            if kind not in (1, 4):
-                continue
-            rec = pb.Record()
-            rec.ParseFromString(buf)
-            which = rec.WhichOneof("record_type")
-            if which == "run":
-                run = {"id": rec.run.run_id, "name": rec.run.display_name, "project": rec.run.project,
-                       "tags": list(rec.run.tags)}
-            elif which == "history":
-                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
-                history.setdefault(rec.history.step.num, {}).update(
-                    {k: v for k, v in items.items() if not k.startswith("_")})
-    return run, history
 
 
 @pytest.fixture

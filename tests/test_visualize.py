@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MIXMIM, TINY_VIT, pretrain_run  # noqa: F401  (fixture)
 from PIL import Image
 
 from fastmim_ds.config import PretrainCfg, VisCfg, load_config
 from fastmim_ds.masking import upsample_mask
-from fastmim_ds.models import create_mim_model
+from fastmim_ds.methods import create_mim_model
 from fastmim_ds.targets import HOGTarget, patchify
 from fastmim_ds.visualize import (
     EpochVisualizer,
@@ -21,8 +22,6 @@ from fastmim_ds.visualize import (
     unpatchify,
     visualize,
 )
-
-from test_export import TINY_MIXMIM, TINY_VIT, pretrain_run  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.usefixtures("one_rank_group"), pytest.mark.timeout(300)]
 
@@ -43,7 +42,7 @@ def image_dir(tmp_path_factory):
 def _model(overrides: list[str]):
     cfg = load_config(PretrainCfg, None, overrides)
     torch.manual_seed(0)
-    return create_mim_model(cfg.method, cfg.model, cfg.mask, cfg.data.img_size), cfg
+    return create_mim_model(cfg.method, cfg.model, cfg.data.img_size), cfg
 
 
 def test_unpatchify_inverts_patchify():
@@ -107,7 +106,7 @@ def test_fastmim_masked_input_uses_the_learned_colour_and_same_seed_same_mask(im
 
 
 def test_pixel_target_unnormalised_with_patch_statistics(image_dir):
-    model, _ = _model([*TINY_VIT, "model.target=pixel"])
+    model, _ = _model([*TINY_VIT, "method.target=pixel"])
     imgs, _ = load_images(image_dir, 64, limit=2)
     rec = reconstruct(model, imgs, seed=0)
     assert rec.kind == "pixel"
@@ -142,7 +141,7 @@ def test_visualize_writes_the_grid_of_a_deepspeed_checkpoint(tmp_path, image_dir
     target_panel = a[16:16 + 128, 2 * 130 + 2:2 * 130 + 2 + 128]
     assert target_panel.max() > 200  # glyphs were drawn
     with pytest.raises(ValueError, match="not a pre-training checkpoint"):
-        from test_export import finetune_run
+        from conftest import finetune_run
 
         _, ft = finetune_run(tmp_path)
         visualize(ft, image_dir, tmp_path / "x.png")

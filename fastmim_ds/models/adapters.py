@@ -1,6 +1,6 @@
-"""Per-family encoder adapters: a timm backbone, seen by the MIM wrapper as image -> tokens.
+"""Per-family encoder adapters: a timm backbone, seen by the MIM methods as image -> tokens.
 
-The MIM logic (masking, mask token, decoder, target, loss) lives once in :mod:`fastmim_ds.models.mim`.
+The MIM logic (masking, mask token, decoder, target, loss) lives once per method in :mod:`fastmim_ds.methods`.
 An adapter only knows how one timm model family is built for pre-training, turns a (masked) image into its
 final-stage tokens, follows an image-size change between epochs (FastMIM-P), drops trailing blocks
 (FastMIM finding ii), maps pre-trained weights into the same family's classifier and says how timm rebuilds the
@@ -30,6 +30,7 @@ import timm
 import torch
 import torch.nn as nn
 from timm.layers import build_sincos2d_pos_embed, ndgrid, resample_abs_pos_embed
+from timm.models import checkpoint_seq
 from timm.models import pvt_v2 as timm_pvt_v2
 from timm.models import swin_transformer as timm_swin
 from timm.models.vision_transformer import VisionTransformer
@@ -75,6 +76,14 @@ class EncoderAdapter(Protocol):
 
     def forward_tokens(self, encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(B, 3, H, W) -> ((B, P + N, C) tokens, P prefix tokens); N row-major on the stride grid."""
+
+    def embed(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, H / p, W / p, C0) patch embeddings of the stem (patch side p), before any position
+        embedding or prefix token. ``forward_embedded(encoder, embed(encoder, x)) == forward_tokens(encoder, x)``;
+        a method that masks in token space (SimMIM) replaces embeddings in between."""
+
+    def forward_embedded(self, encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The rest of :meth:`forward_tokens` after :meth:`embed`: (B, h, w, C0) -> ((B, P + N, C), P)."""
 
     def no_weight_decay(self, encoder: nn.Module) -> set[str]:
         """Parameter names (relative to the encoder) excluded from weight decay besides 1-D params."""
@@ -142,6 +151,9 @@ class _TimmAdapter:
 
     def set_img_size(self, encoder: nn.Module, img_size: int) -> None:
         self.check_img_size(encoder, img_size)
+
+    def embed(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return encoder.patch_embed(x)  # NHWC in every family here (ViT: built with dynamic_img_size)
 
     def create_classifier(
         self, name: str, *, img_size: int, num_classes: int, drop_path: float, global_pool: str, **kwargs
@@ -230,6 +242,15 @@ class ViTAdapter(_TimmAdapter):
         tokens = encoder.forward_features(x)  # (B, P + N, C), final norm is Identity with global_pool='avg'
         return encoder.fc_norm(tokens), encoder.num_prefix_tokens
 
+    def forward_embedded(self, encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        # timm VisionTransformer.forward_features after its patch_embed
+        x = encoder.norm_pre(encoder.patch_drop(encoder._pos_embed(x)))
+        if encoder.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(encoder.blocks, x)
+        else:
+            x = encoder.blocks(x)
+        return encoder.fc_norm(encoder.norm(x)), encoder.num_prefix_tokens
+
     def adapt_state_dict(self, state: dict[str, torch.Tensor], classifier: nn.Module) -> dict[str, torch.Tensor]:
         state = dict(state)
         if "pos_embed" in state and classifier.pos_embed is not None:
@@ -255,7 +276,7 @@ def fastmim_layer_id(name: str, *, stages: str, depths: Sequence[int]) -> int:
     With L = sum(depths): the stem is 0; block j of stage i is sum(depths[:i]) + j + 1; a stage's downsampling
     layer joins the last block before it (sum(depths[:i])) and a non-final stage norm (PVTv2) the stage's last
     block; the final norm and the head are L + 1 (lr scale 1). For Swin-B (2, 2, 18, 2) and decay 0.8 this gives
-    the stem 0.8^25 = 0.0038 and ``layers.3.blocks.1`` 0.8 (METHODS.md section 2). timm's own Swin
+    the stem 0.8^25 = 0.0038 and ``layers.3.blocks.1`` 0.8 (docs/methods.md §2). timm's own Swin
     ``group_matcher`` agrees on the stem and the blocks but puts the final norm with the last block (lr scale
     0.8, not 1) and a downsampling layer with the *next* block (one step more lr); PVTv2's is per stage only.
 
@@ -294,6 +315,7 @@ class _HierarchicalAdapter(_TimmAdapter):
     family: str
     stages_attr: str
     channels_last: bool
+    final_norm: bool  # forward_features ends with encoder.norm (Swin) or with the stages (PVTv2)
     checkpoint_filter: Callable[[dict, nn.Module], dict]
 
     def _stages(self, model: nn.Module) -> nn.Sequential:
@@ -327,9 +349,16 @@ class _HierarchicalAdapter(_TimmAdapter):
                                 num_blocks)
 
     def forward_tokens(self, encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        feats = encoder.forward_features(x)  # (B, h, w, C) or (B, C, h, w), last stage normalised
-        tokens = feats.flatten(1, 2) if self.channels_last else feats.flatten(2).transpose(1, 2)
-        return tokens, 0  # (B, N, C)
+        return self._tokens(encoder.forward_features(x)), 0  # (B, N, C)
+
+    def _tokens(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, C) or (B, C, h, w) last-stage features -> (B, N, C)."""
+        return feats.flatten(1, 2) if self.channels_last else feats.flatten(2).transpose(1, 2)
+
+    def forward_embedded(self, encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        # timm SwinTransformer / PyramidVisionTransformerV2.forward_features after the patch_embed
+        feats = self._stages(encoder)(x)
+        return self._tokens(encoder.norm(feats) if self.final_norm else feats), 0
 
     def _check_classifier(self, model: nn.Module, img_size: int) -> None:
         """Raises ValueError when the classifier cannot take ``img_size`` (PVTv2 takes any size)."""
@@ -342,7 +371,7 @@ class _HierarchicalAdapter(_TimmAdapter):
         The final norm (per token, before average pooling: the role of FastMIM's Swin ``fc_norm``) is
         *transferred* from the pre-trained encoder, like every other encoder weight and like MixMIM and the ViT
         adapter here. FastMIM re-initialises it only because its key ``norm`` does not match ``fc_norm``
-        (METHODS.md 5.10); it keeps FastMIM's lr scale 1 for it.
+        (docs/methods.md §5.10); it keeps FastMIM's lr scale 1 for it.
         """
         model = super().create_classifier(
             name, img_size=img_size, num_classes=num_classes, drop_path=drop_path, global_pool=global_pool, **kwargs
@@ -406,6 +435,7 @@ class SwinAdapter(_HierarchicalAdapter):
     family = "swin"
     stages_attr = "layers"
     channels_last = True
+    final_norm = True
     checkpoint_filter = staticmethod(timm_swin.checkpoint_filter_fn)
 
     def _windows_at(self, encoder: nn.Module, img_size: int) -> tuple[list[int], str]:
@@ -465,11 +495,18 @@ class SwinAdapter(_HierarchicalAdapter):
                            "table edge (build the encoder at the largest image size)",
                            w, img_size, table_w, table_w - 1)
 
-    def forward_tokens(self, encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def _check_input(self, encoder: nn.Module, x: torch.Tensor) -> None:
         if tuple(x.shape[-2:]) != tuple(encoder.patch_embed.img_size):
             raise ValueError(f"input {tuple(x.shape[-2:])} px but the Swin encoder is set up for "
                              f"{tuple(encoder.patch_embed.img_size)}: call set_img_size({x.shape[-1]}) first")
+
+    def forward_tokens(self, encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        self._check_input(encoder, x)
         return super().forward_tokens(encoder, x)
+
+    def embed(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(encoder, x)
+        return super().embed(encoder, x)
 
     def _check_classifier(self, model: nn.Module, img_size: int) -> None:
         _, problem = self._windows_at(model, img_size)
@@ -498,6 +535,7 @@ class PVTv2Adapter(_HierarchicalAdapter):
     family = "pvt_v2"
     stages_attr = "stages"
     channels_last = False
+    final_norm = False
     checkpoint_filter = staticmethod(timm_pvt_v2.checkpoint_filter_fn)
 
     def size_kwargs(self, img_size: int) -> dict:

@@ -1,22 +1,20 @@
-"""MixMIM / MixMAE (arXiv 2205.13137): hierarchical backbones registered in timm, and the pre-training model.
+"""MixMIM / MixMAE (arXiv 2205.13137) backbones, registered in timm, and their encoder adapter.
 
-Follows the official code (Sense-X/MixMIM ``models_mixmim.py`` / ``models_mixmim_ft.py``; METHODS.md section 3):
+Follows the official code (Sense-X/MixMIM ``models_mixmim.py`` / ``models_mixmim_ft.py``; docs/methods.md §3):
+:class:`MixMIMTransformer` ("Swin-B/W14"): 4x4 patch embedding + LayerNorm, a *fixed* 2-D sin-cos absolute
+position embedding (frozen in pre-training and fine-tuning), four stages of window attention with a relative position
+bias and **no shifted windows**, timm ``PatchMerging`` between stages, a final LayerNorm that is kept (and
+transferred to the classifier), average pooling, linear head. Parameter names equal the official ones, so official
+checkpoints load after :func:`checkpoint_filter_fn`. Registered in timm as ``mixmim_base`` / ``mixmim_large`` /
+``mixmim_huge`` and the CPU test preset ``mixmim_tiny_test`` (``import fastmim_ds`` registers them).
 
-* **Backbone** :class:`MixMIMTransformer` ("Swin-B/W14"): 4x4 patch embedding + LayerNorm, a *fixed* 2-D sin-cos
-  absolute position embedding (frozen in pre-training and fine-tuning), four stages of window attention with a
-  relative position bias and **no shifted windows**, timm ``PatchMerging`` between stages, a final LayerNorm
-  that is kept (and transferred to the classifier), average pooling, linear head. Parameter names equal the
-  official ones, so official checkpoints load after :func:`checkpoint_filter_fn`. Registered in timm as
-  ``mixmim_base`` / ``mixmim_large`` / ``mixmim_huge`` and the CPU test preset ``mixmim_tiny_test``.
-* **Pre-training** :class:`MixMIM`: one mask per iteration shared by the whole local batch, drawn on the
-  last-stage grid (``int(49 * 0.5) = 24`` of 49 tokens at 224 px); after the patch embedding, sample ``i``
-  takes the masked positions from sample ``B - 1 - i`` (the batch flipped); window attention never lets a
-  token attend to a token of the other image; the decoder (512-d x 8, own fixed sin-cos position embedding)
-  reconstructs both images from two un-mixed inputs (the other image's positions replaced by a mask token);
-  the loss is the MSE to norm-pix targets over **all** tokens ("dual reconstruction").
+``forward_features(x, mask)`` also runs the *mixed* forward of pre-training: after the patch embedding, sample ``i``
+takes the masked positions from sample ``B - 1 - i`` (the batch flipped), and window attention never lets a token
+attend to a token of the other image. The pre-training method itself (mask drawing, dual decoder, loss) is
+:class:`fastmim_ds.methods.mixmim.MixMIM`.
 
 Attention masking uses ``F.scaled_dot_product_attention`` with an additive mask holding the relative position
-bias and ``-inf`` between tokens of different images (METHODS.md 5.13): no large finite constant is subtracted
+bias and ``-inf`` between tokens of different images (docs/methods.md §5.13): no large finite constant is subtracted
 from low-precision logits, so cross-image probabilities are exactly 0 in fp32 and bf16 (both tested) and fp16.
 Every token attends at least to itself, so no softmax row is empty.
 
@@ -37,44 +35,27 @@ from timm.layers import (
     DropPath,
     Mlp,
     PatchEmbed,
-    build_sincos2d_pos_embed,
     gen_relative_position_index,
     resample_abs_pos_embed,
     resize_rel_pos_bias_table_simple,
     to_2tuple,
     trunc_normal_,
 )
-from timm.models import build_model_with_cfg, generate_default_cfgs, is_model_in_modules, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging, window_partition, window_reverse
 from torch.utils.checkpoint import checkpoint
 
-from ..config import MaskCfg, MIMModelCfg
-from ..losses import masked_mse
-from ..targets import build_target
 from .adapters import register_adapter, truncate_blocks
-from .mim import TokenDecoder, _init_xavier
+from .layers import init_xavier, sincos_pos_embed
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "MixMIMTransformer", "MixMIM", "MixMIMAdapter", "build_mixmim", "checkpoint_filter_fn", "sincos_pos_embed",
-    "draw_mix_mask", "mix_tokens", "dual_decoder_inputs", "unmix", "stage_windows",
+    "MixMIMTransformer", "MixMIMAdapter", "checkpoint_filter_fn", "sincos_pos_embed", "mix_tokens", "stage_windows",
 ]
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def sincos_pos_embed(grid: tuple[int, int], dim: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos position table, (h * w, dim), tokens row-major.
-
-    Channel order of MAE/MixMIM ``get_2d_sincos_pos_embed``: [sin(x), cos(x), sin(y), cos(y)] with x the column,
-    y the row and frequencies 1 / 10000^(k / (dim / 4)). timm's ``build_sincos2d_pos_embed`` computes the same
-    values in the order [sin(y), sin(x), cos(y), cos(x)]; only the channels are permuted here.
-    """
-    emb = build_sincos2d_pos_embed(list(grid), dim=dim)  # (N, dim): (sin|cos) x (row|col) x dim/4
-    n = emb.shape[0]
-    return emb.view(n, 2, 2, dim // 4).flip(2).transpose(1, 2).reshape(n, dim)
 
 
 def stage_windows(
@@ -117,29 +98,6 @@ def stage_windows(
     return wins
 
 
-def draw_mix_mask(
-    grid: tuple[int, int],
-    ratio: float,
-    *,
-    device: torch.device | str | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """One mixing mask for the whole local batch (official ``random_masking``).
-
-    Exactly ``int(h * w * ratio)`` positions are True (24 of 49 at 224 px and ratio 0.5: an effective ratio of
-    0.49). ``None`` generator: the global torch RNG, seeded per rank by the trainer.
-
-    Returns:
-        (h, w) bool on the last-stage grid, True = position taken from the partner image B - 1 - i.
-    """
-    h, w = grid
-    n = h * w
-    noise = torch.rand(n, device=device, generator=generator)
-    mask = torch.zeros(n, dtype=torch.bool, device=device)
-    mask[noise.argsort()[: int(n * ratio)]] = True
-    return mask.view(h, w)
-
-
 def mix_tokens(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mixed input: ``out[i] = x[i]`` where ``mask`` is False, ``x[B - 1 - i]`` where True.
 
@@ -156,43 +114,6 @@ def mix_tokens(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if x.shape[0] % 2:
         raise ValueError(f"MixMIM mixing needs an even batch (sample i pairs with B-1-i), got B={x.shape[0]}")
     return torch.where(mask[None, :, :, None], x.flip(0), x)
-
-
-def dual_decoder_inputs(z: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
-    """The two un-mixed decoder inputs, concatenated along the batch (official ``forward_decoder``).
-
-    Rows ``0..B-1`` keep the tokens of image ``i`` (mask False) and put ``mask_token`` where True; rows
-    ``B..2B-1`` keep the tokens of image ``B - 1 - i`` (mask True) and put ``mask_token`` where False.
-
-    Args:
-        z: (B, N, D) embedded encoder tokens of the mixed inputs.
-        mask: (N,) bool, True = token came from the partner image.
-        mask_token: (1, 1, D).
-
-    Returns:
-        (2B, N, D).
-    """
-    m = mask[None, :, None]
-    return torch.cat([torch.where(m, mask_token, z), torch.where(m, z, mask_token)])
-
-
-def unmix(rec: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-image prediction from the dual decoder output (official ``forward_loss``).
-
-    Image ``i`` takes the mask-True positions from row ``i`` (where image ``i`` was hidden behind the mask
-    token) and the mask-False positions from row ``B + (B - 1 - i)`` (the second input of the partner, where
-    image ``i``'s tokens were visible at the True positions and hidden at the False ones). Every token of every
-    image is thus predicted exactly once, from a decoder input in which that token is a mask token.
-
-    Args:
-        rec: (2B, N, D) decoder output.
-        mask: (N,) bool, True = token came from the partner image.
-
-    Returns:
-        (B, N, D).
-    """
-    B = rec.shape[0] // 2
-    return torch.where(mask[None, :, None], rec[:B], rec[B:].flip(0))
 
 
 def _upsample_grid_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
@@ -436,7 +357,7 @@ class MixMIMTransformer(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         # official MixMIM: xavier_uniform for every Linear (JAX ViT), LayerNorm (1, 0); the patch conv keeps its
         # PyTorch default; relative position tables keep their trunc_normal(0.02)
-        self.apply(_init_xavier)
+        self.apply(init_xavier)
 
     # ------------------------------------------------------------------ timm classifier API
 
@@ -444,13 +365,13 @@ class MixMIMTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Names excluded from weight decay besides 1-D params: the (frozen) absolute position table.
 
-        Relative position bias tables *are* decayed, as in official and mmpretrain fine-tuning (METHODS.md 3.8).
+        Relative position bias tables *are* decayed, as in official and mmpretrain fine-tuning (docs/methods.md §3.8).
         """
         return {"absolute_pos_embed"}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """Layer groups for timm ``param_groups_layer_decay`` (mmpretrain's MixMIM layer ids, METHODS.md 2).
+        """Layer groups for timm ``param_groups_layer_decay`` (mmpretrain's MixMIM layer ids, docs/methods.md §2).
 
         Group 0 = patch embedding; block ``j`` of stage ``s`` = sum(depths[:s]) + j + 1; a stage's PatchMerging
         and the final norm join the group of the block before them; the head (unmatched) is the last group, so
@@ -508,14 +429,34 @@ class MixMIMTransformer(nn.Module):
         Raises:
             ValueError: wrong input size, wrong mask shape, or odd B with a mask.
         """
-        H, W = x.shape[-2:]
-        if (H, W) != self.img_size:
-            raise ValueError(f"input {H}x{W} does not match the model's img_size {self.img_size}")
-        x = self.patch_embed(x)  # (B, H/P, W/P, C)
+        x = self.embed(x)  # (B, H/P, W/P, C)
         if mask is not None:
             if tuple(mask.shape) != self.out_grid or mask.dtype != torch.bool:
                 raise ValueError(f"mix mask must be bool {self.out_grid}, got {mask.dtype} {tuple(mask.shape)}")
             x = mix_tokens(x, _upsample_grid_mask(mask, 2 ** (self.num_stages - 1)))
+        return self.forward_embedded(x, mask)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) at the built ``img_size`` -> (B, H / P, W / P, C) patch embeddings (before the position table).
+
+        Raises:
+            ValueError: wrong input size.
+        """
+        H, W = x.shape[-2:]
+        if (H, W) != self.img_size:
+            raise ValueError(f"input {H}x{W} does not match the model's img_size {self.img_size}")
+        return self.patch_embed(x)
+
+    def forward_embedded(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder after :meth:`embed`: position table, stages, final norm.
+
+        Args:
+            x: (B, H / P, W / P, C) patch embeddings (mixed already when ``mask`` is given).
+            mask: optional (H / stride, W / stride) bool mixing mask, as :meth:`forward_features`.
+
+        Returns:
+            (B, H / stride, W / stride, C_out) final-stage tokens after the final LayerNorm (NHWC).
+        """
         x = self.pos_drop(x + self.absolute_pos_embed.view(1, *self.grid, -1))
         for s, layer in enumerate(self.layers):
             stage_mask = None if mask is None else _upsample_grid_mask(mask, 2 ** (self.num_stages - 1 - s))
@@ -624,114 +565,6 @@ def mixmim_tiny_test(pretrained: bool = False, **kwargs: Any) -> MixMIMTransform
     return _create_mixmim("mixmim_tiny_test", pretrained, **dict(args, **kwargs))
 
 
-# ----------------------------------------------------------------------------------------------- pre-training
-
-
-class MixMIM(nn.Module):
-    """MixMIM pre-training model (official ``models_mixmim.MixMIM``): mix, encode, dual-decode, unmix.
-
-    Args:
-        encoder: :class:`MixMIMTransformer` without head, built at the training image size.
-        target: :class:`~fastmim_ds.targets.PixelTarget` (norm-pix, as official) or another target module.
-        mask_ratio: fraction of last-stage tokens taken from the partner image (0.5 -> 24 of 49).
-        decoder_dim, decoder_depth, decoder_heads: decoder shape (512, 8, 16); heads 0 -> decoder_dim // 32.
-
-    Raises:
-        ValueError: a mask ratio that mixes no token or every token on the last-stage grid.
-    """
-
-    def __init__(
-        self,
-        *,
-        encoder: MixMIMTransformer,
-        target: nn.Module,
-        mask_ratio: float,
-        decoder_dim: int = 512,
-        decoder_depth: int = 8,
-        decoder_heads: int = 16,
-    ):
-        super().__init__()
-        self.encoder = encoder
-        self.stride = encoder.stride
-        self.grid = encoder.out_grid
-        n = self.grid[0] * self.grid[1]
-        if not 0 < int(n * mask_ratio) < n:
-            raise ValueError(
-                f"mask ratio {mask_ratio} mixes {int(n * mask_ratio)} of {n} tokens on the {self.grid} last-stage "
-                "grid; MixMIM needs at least one token of each image"
-            )
-        self.mask_ratio = mask_ratio
-        self.target = target
-        heads = decoder_heads or max(1, decoder_dim // 32)
-        # Linear(C -> D), blocks, LayerNorm, Linear(D -> 3 * stride^2); LN eps 1e-6 as mmpretrain (official 1e-5)
-        self.decoder = TokenDecoder(
-            in_dim=encoder.num_features, dim=decoder_dim, depth=decoder_depth, num_heads=heads,
-            out_dim=target.out_dim(self.stride),
-        )
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        pos = sincos_pos_embed(self.grid, decoder_dim).unsqueeze(0)  # (1, N, D), fixed as official
-        self.decoder_pos_embed = nn.Parameter(pos, requires_grad=False)
-        self.decoder.apply(_init_xavier)
-        trunc_normal_(self.mask_token, std=0.02)
-
-    def check_img_size(self, img_size: int) -> None:
-        """Raises ValueError when ``img_size`` is not the encoder's size or its windows do not tile it."""
-        self.encoder.check_img_size(img_size)
-        self.target.check(to_2tuple(img_size), self.stride)
-
-    def set_img_size(self, img_size: int) -> None:
-        """Per-stage size switch of the trainer (FastMIM-P): MixMIM is built for one size, so only that size passes.
-
-        Raises:
-            ValueError: any other size (the window layout and the position tables are fixed at construction).
-        """
-        self.check_img_size(img_size)
-
-    def no_weight_decay(self) -> set[str]:
-        """Full names without weight decay besides 1-D params and biases: only the frozen position tables.
-
-        The mask token and the relative position bias tables are decayed, as the official pre-training
-        (``MX:main_pretrain.py`` calls timm ``add_weight_decay`` without a skip list).
-        """
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {"decoder_pos_embed"}
-
-    def draw_mask(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """(h, w) bool mixing mask on the last-stage grid from the global RNG; True = from image B - 1 - i."""
-        return draw_mix_mask(self.grid, self.mask_ratio, device=device)
-
-    def forward(self, imgs: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Dual-reconstruction loss of a batch.
-
-        Args:
-            imgs: (B, 3, H, W) mean/std-normalised images, B even (any float dtype; the target uses fp32).
-            mask: optional (H / 32, W / 32) bool shared by the batch, True = from image B - 1 - i; drawn when
-                ``None``.
-
-        Returns:
-            ``loss``: scalar fp32, mean over all B x N x D values; ``pred``: (B, N, D) un-mixed prediction of each
-            image; ``target``: (B, N, D) fp32; ``mask``: (B, N) bool (the shared mask, one row per image).
-
-        Raises:
-            ValueError: odd B (set ``train.micro_batch`` even), wrong image size or mask shape.
-        """
-        B = imgs.shape[0]
-        if B % 2:
-            raise ValueError(
-                f"MixMIM needs an even batch per rank (sample i is mixed with sample B-1-i), got B={B}; "
-                "set train.micro_batch to an even number"
-            )
-        if mask is None:
-            mask = self.draw_mask(imgs.device)
-        target = self.target(imgs, self.stride)  # (B, N, D) fp32, from the unmixed images
-        z = self.encoder.forward_features(imgs.to(self.mask_token.dtype), mask=mask).flatten(1, 2)  # (B, N, C)
-        flat = mask.flatten()  # (N,)
-        x = dual_decoder_inputs(self.decoder.embed(z), flat, self.mask_token) + self.decoder_pos_embed  # (2B, N, D)
-        rec = self.decoder.pred(self.decoder.norm(self.decoder.blocks(x)))  # (2B, N, out)
-        pred = unmix(rec, flat)  # (B, N, out)
-        loss = masked_mse(pred, target, None)  # every token of every image counts once
-        return {"loss": loss, "pred": pred, "target": target, "mask": flat.expand(B, -1)}
-
-
 # ----------------------------------------------------------------------------------------------- adapter
 
 
@@ -768,6 +601,12 @@ class MixMIMAdapter:
     def forward_tokens(self, encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         return encoder.forward_features(x).flatten(1, 2), 0  # (B, N, C), no prefix tokens
 
+    def embed(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return encoder.embed(x)  # (B, H / 4, W / 4, C)
+
+    def forward_embedded(self, encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return encoder.forward_embedded(x).flatten(1, 2), 0
+
     def no_weight_decay(self, encoder: nn.Module) -> set[str]:
         return set(encoder.no_weight_decay())
 
@@ -791,40 +630,3 @@ class MixMIMAdapter:
 
 
 register_adapter(MixMIMTransformer, MixMIMAdapter())
-
-
-def build_mixmim(model: MIMModelCfg, mask: MaskCfg, img_size: int) -> MixMIM:
-    """MixMIM pre-training model from its config sections (same signature as ``build_fastmim``).
-
-    Uses ``model.encoder`` (a ``mixmim_*`` timm name) + ``model.encoder_kwargs`` (e.g. ``window_size``),
-    ``model.decoder_*``, ``model.target`` / ``norm_pix_loss``, ``model.drop_path``, ``model.encoder_blocks``,
-    ``mask.ratio``.
-    ``mask.block_size`` must equal the encoder's output stride (32): the mask lives on the last-stage grid.
-
-    Raises:
-        ValueError: not a MixMIM encoder, a block size other than the stride, an image size the windows do
-            not tile, or a ratio that mixes no token / every token.
-    """
-    if not timm.is_model(model.encoder) or not is_model_in_modules(model.encoder, [__name__.split(".")[-1]]):
-        raise ValueError(
-            f"method mixmim needs a MixMIM encoder, got '{model.encoder}' "
-            f"(choices: {', '.join(timm.list_models('mixmim_*'))})"
-        )
-    adapter = MixMIMAdapter()
-    encoder = adapter.create(model.encoder, img_size=img_size, drop_path=model.drop_path, **model.encoder_kwargs)
-    if model.encoder_blocks:  # pre-train the first k blocks only (FastMIM finding ii); merges and norm stay
-        adapter.truncate(encoder, model.encoder_blocks)
-    if mask.block_size != encoder.stride:
-        raise ValueError(
-            f"mask block size {mask.block_size} must equal the MixMIM encoder stride {encoder.stride}: the mixing "
-            f"mask is drawn on the last-stage grid (set mask.block_size={encoder.stride})"
-        )
-    target = build_target(
-        model.target, normalize=model.norm_pix_loss, hog_bins=model.hog_bins, hog_cell=model.hog_cell
-    )
-    mim = MixMIM(
-        encoder=encoder, target=target, mask_ratio=mask.ratio, decoder_dim=model.decoder_dim,
-        decoder_depth=model.decoder_depth, decoder_heads=model.decoder_heads,
-    )
-    mim.check_img_size(img_size)
-    return mim

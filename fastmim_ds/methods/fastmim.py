@@ -1,4 +1,4 @@
-"""One masked-image-modeling wrapper for every backbone family: FastMIM (arXiv 2212.06593).
+"""FastMIM (arXiv 2212.06593; ggjy/FastMIM.pytorch): one masked-image-modeling wrapper for every backbone family.
 
 ``FastMIM(encoder, adapter, decoder, target)``:
 
@@ -15,6 +15,7 @@ precision beyond casting the image to the encoder's dtype.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -22,11 +23,31 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
+from ..config import MethodCfg, MIMModelCfg
 from ..losses import masked_mse
 from ..masking import BlockMaskGenerator, upsample_mask
-from .adapters import EncoderAdapter
+from ..models.adapters import EncoderAdapter, adapter_for
+from ..models.layers import init_encoder_mae, init_xavier
+from ..targets import build_target
+from . import BlockMaskedMethod
 
-__all__ = ["TokenDecoder", "FastMIM", "init_prediction"]
+__all__ = ["FastMIMCfg", "FastMIM", "TokenDecoder", "init_prediction"]
+
+
+@dataclass
+class FastMIMCfg(MethodCfg):
+    """``method:`` section of FastMIM (defaults: the released ViT-B recipe, docs/methods.md §1.1)."""
+
+    name: str = "fastmim"
+    mask_ratio: float = 0.75  # fraction of mask blocks replaced by the learned colour
+    block_size: int = 16  # px side of one mask block; multiple of the encoder's output stride (32 for Swin)
+    target: str = "hog"  # "hog" (FastMIM) or "pixel"
+    norm_pix_loss: bool = True  # HOG: L2-normalise each cell histogram; pixel: per-patch mean/std
+    hog_bins: int = 9  # unsigned orientation bins of 20 degrees
+    hog_cell: int = 8  # px side of a HOG cell
+    decoder_dim: int = 256
+    decoder_depth: int = 1  # 1 for ViT-B, 4 for Swin-B (FastMIM README)
+    decoder_heads: int = 0  # 0: decoder_dim // 32, as FastMIM
 
 
 class TokenDecoder(nn.Module):
@@ -52,18 +73,12 @@ class TokenDecoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, N, C) -> (B, N, out_dim)."""
-        return self.pred(self.norm(self.blocks(self.embed(tokens))))
+        return self.head(self.embed(tokens))
 
-
-def _init_xavier(m: nn.Module) -> None:
-    # MAE/FastMIM initialisation: xavier_uniform for every Linear, LayerNorm (1, 0)
-    if isinstance(m, nn.Linear):
-        nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Blocks, norm and prediction on already embedded tokens: (B, N, D) -> (B, N, out_dim) (MixMIM and MAE
+        insert mask tokens and position embeddings between ``embed`` and this)."""
+        return self.pred(self.norm(self.blocks(x)))
 
 
 def init_prediction(pred: nn.Linear, value: float) -> None:
@@ -78,7 +93,7 @@ def init_prediction(pred: nn.Linear, value: float) -> None:
     nn.init.constant_(pred.bias, value)
 
 
-class FastMIM(nn.Module):
+class FastMIM(BlockMaskedMethod):
     """FastMIM pre-training model around any encoder with an :class:`EncoderAdapter`.
 
     Args:
@@ -88,7 +103,13 @@ class FastMIM(nn.Module):
         mask_ratio: fraction of blocks masked per sample (0.75).
         block_size: mask block side in px, a multiple of the encoder stride (16 for ViT/16, 32 for Swin).
         decoder_dim, decoder_depth, decoder_heads: decoder shape (heads 0 -> decoder_dim // 32).
+
+    Raises:
+        ValueError: a block size that is not a multiple of the encoder stride.
     """
+
+    name = "fastmim"
+    config = FastMIMCfg
 
     def __init__(
         self,
@@ -119,31 +140,36 @@ class FastMIM(nn.Module):
             in_dim=adapter.num_features(encoder), dim=decoder_dim, depth=decoder_depth, num_heads=heads,
             out_dim=target.out_dim(self.stride),
         )
-        self.decoder.apply(_init_xavier)
+        self.decoder.apply(init_xavier)
         init_prediction(self.decoder.pred, target.init_value())
         trunc_normal_(self.mask_token, std=0.02)
 
-    def check_img_size(self, img_size: int) -> None:
-        """Raises ValueError when ``img_size`` does not fit the mask grid, the encoder or the target."""
-        if img_size % self.mask_generator.block_size:
-            raise ValueError(
-                f"image size {img_size} is not divisible by the mask block size {self.mask_generator.block_size}"
-            )
-        self.adapter.check_img_size(self.encoder, img_size)
-        self.target.check((img_size, img_size), self.stride)
-
-    def set_img_size(self, img_size: int) -> None:
-        """Prepares the encoder for (B, 3, img_size, img_size) inputs (FastMIM-P stages; Swin windows).
+    @classmethod
+    def build(cls, model: MIMModelCfg, method: FastMIMCfg, img_size: int) -> "FastMIM":
+        """FastMIM model from its config sections; the encoder re-initialised as FastMIM/MAE.
 
         Raises:
-            ValueError: ``img_size`` does not fit the mask grid, the encoder or the target.
+            ValueError: unknown encoder or target, a block size or image size that does not fit.
         """
-        self.check_img_size(img_size)
-        self.adapter.set_img_size(self.encoder, img_size)
+        adapter = adapter_for(model.encoder)
+        encoder = adapter.create(model.encoder, img_size=img_size, drop_path=model.drop_path, **model.encoder_kwargs)
+        if model.encoder_blocks:  # FastMIM finding ii: pre-train the first k blocks; fine-tuning initialises the rest
+            adapter.truncate(encoder, model.encoder_blocks)
+        init_encoder_mae(encoder)
+        target = build_target(
+            method.target, normalize=method.norm_pix_loss, hog_bins=method.hog_bins, hog_cell=method.hog_cell
+        )
+        mim = cls(
+            encoder=encoder, adapter=adapter, target=target, mask_ratio=method.mask_ratio,
+            block_size=method.block_size, decoder_dim=method.decoder_dim, decoder_depth=method.decoder_depth,
+            decoder_heads=method.decoder_heads,
+        )
+        mim.check_img_size(img_size)
+        return mim
 
-    def no_weight_decay(self) -> set[str]:
-        """Full parameter names without weight decay besides 1-D params (position/cls tokens, mask token)."""
-        return {f"encoder.{n}" for n in self.adapter.no_weight_decay(self.encoder)} | {"mask_token"}
+    def picture_fill(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The learned mask colour: what the encoder sees at masked pixels."""
+        return self.mask_token.float().expand_as(imgs)
 
     def forward(self, imgs: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Masked reconstruction loss of a batch.

@@ -8,7 +8,7 @@ res) float32, shuffled, on ``--device``.
   <= 256 px, written once by ``fastmim_ds.data.convert.convert_image_folder`` into ``data/bench/``, then reused):
   libjpeg-turbo decode + crop + ``cv::resize(INTER_AREA)`` fused in numba threads.
 * torchvision: ``ImageFolder`` + ``RandomResizedCrop(interpolation=BICUBIC)`` (FastMIM ``main_pretrain.py``,
-  docs/methods.md §1.2) + ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize`` in a ``DataLoader`` with the same number
+  methods.md §1.2) + ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize`` in a ``DataLoader`` with the same number
   of worker processes (``pin_memory`` on GPU only). One extra row at 128 px uses torchvision's default bilinear
   interpolation, the cheaper choice, to show how much of the ratio the interpolation accounts for.
 

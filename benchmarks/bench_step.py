@@ -74,7 +74,7 @@ from fastmim_ds.methods.simmim import SimMIMCfg
 logger = logging.getLogger("bench_step")
 
 VIT_B, SWIN_B = "vit_base_patch16_224", "swin_base_patch4_window7_224"
-# Per family: method -> (its config section, the encoder, image size). FastMIM: the released recipe (docs/methods.md §1.1)
+# Per family: method -> (its config section, the encoder, image size). FastMIM: the released recipe (methods.md §1.1)
 # at 128 px; SimMIM and MAE: their papers' recipes (the sections' defaults) at 224 px. "fastmim" comes first: the
 # ratios are taken against it.
 FAMILIES: dict[str, dict] = {

@@ -40,7 +40,7 @@ def _np_bins(gx: np.ndarray, gy: np.ndarray, nbins: int = 9) -> np.ndarray:
 
 
 def _np_hog(img: np.ndarray, nbins: int = 9, cell: int = 8, normalize: bool = False) -> np.ndarray:
-    """Independent float64 implementation of the docs/methods.md §1.6 definition -> (B, 3 * nbins, H / cell, W / cell)."""
+    """Independent float64 implementation of docs/methods.md §1.6 -> (B, 3 * nbins, H / cell, W / cell)."""
     B, C, H, W = img.shape
     gx, gy = _np_sobel(img)
     mag = np.sqrt(gx**2 + gy**2)

@@ -3,7 +3,7 @@
 Both sides run the product's training loop (``fastmim_ds.engine.train_one_epoch``) on the same DeepSpeed engine
 (ZeRO-2, ``benchmarks.common.build_engine``) and the same FastMIM ViT-B/16 at 128 px:
 
-* **real**: ``fastmim_ds.data.loaders.build_train_loader`` on the imagenette beton (``benchmarks.bench_loader``'s,
+* **real**: ``fastmim_ds.data.train_loader`` on the imagenette beton (``benchmarks.bench_loader``'s,
   converted once into ``data/bench/``), ``--loader-threads`` FFCV decoding threads, batches landing on the device;
 * **synthetic**: the same number of batches of random normalised images already on the device (no loader work).
 
@@ -39,7 +39,7 @@ from benchmarks.common import (
     sync,
     write_result,
 )
-from fastmim_ds.config import MaskCfg, MIMModelCfg
+from fastmim_ds.config import DataCfg, MaskCfg, MIMModelCfg
 from fastmim_ds.engine import LoopState, train_one_epoch
 from fastmim_ds.metrics import MetricsWriter
 from fastmim_ds.models import create_mim_model
@@ -113,13 +113,12 @@ def main() -> None:
     model = create_mim_model("fastmim", model_cfg, MaskCfg(ratio=0.75, block_size=16), img_size)
     engine = build_engine(model.to(device), dtype=dtype, micro_batch=batch)
 
-    from fastmim_ds.data.loaders import build_train_loader
+    from fastmim_ds.data import train_loader
 
     loaders = {}
-    for n in threads:
-        loader = build_train_loader(str(args.beton), img_size=img_size, batch_size=batch, scale=(0.2, 1.0),
-                                    ratio=(3 / 4, 4 / 3), hflip=True, num_workers=n, seed=0, distributed=False,
-                                    device=device)
+    for n in threads:  # RandomResizedCrop (0.2, 1), ratio (3/4, 4/3), flip: DataCfg's pre-training defaults
+        loader = train_loader(DataCfg(train=str(args.beton), num_workers=n), img_size=img_size, batch_size=batch,
+                              seed=0, device=device)
         need = args.warmup + steps
         if len(loader) < need:
             raise ValueError(f"{args.beton}: {len(loader)} batches of {batch}, need {need} (lower --steps/--batch)")

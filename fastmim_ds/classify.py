@@ -2,7 +2,7 @@
 
 :func:`start_run` sets a run up (distributed init, config checks, classes, seeding, the model, the run folder with
 ``config.yaml`` and ``log.txt``); the task then builds what is its own (optimizer, DeepSpeed engine, step function,
-evaluation) and hands it to :func:`train_and_evaluate`, which builds the FFCV loaders, resumes, trains with
+evaluation) and hands it to :func:`train_and_evaluate`, which builds the loaders, resumes, trains with
 :func:`~fastmim_ds.engine.fit`, evaluates top-1/top-5 every ``train.eval_every`` epochs (and after the last),
 tracks the best top-1, writes ``metrics.jsonl`` and the log, and prints the task's one-line summary.
 Used by :mod:`fastmim_ds.finetune` (MAE ``main_finetune.py``) and :mod:`fastmim_ds.linprobe` (``main_linprobe.py``).
@@ -18,13 +18,13 @@ import torch.nn as nn
 
 from .checkpoint import CKPT_SUBDIR, find_resume, load, read_client_state
 from .config import ClassifierCfg, FinetuneCfg, LinprobeCfg, Resolved, dump_yaml, to_dict
-from .data.loaders import build_train_loader, build_val_loader, labeled_subset
+from .data import dataset_info, labeled_indices, train_loader, val_loader
 from .engine import LoopState, StepFn, fit
 from .metrics import MetricsWriter
 from .models.classifier import LoadReport
 from .runtime import Dist, Preemption, git_sha, init_distributed, make_run_dir, seed_everything, setup_logging
 from .trackers import build_trackers
-from .validate import check_resume_compatible, read_class_names, read_classes
+from .validate import check_resume_compatible
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def start_run(
     """
     dist = init_distributed()
     derived = check(cfg, dist.world_size)
-    classes = read_classes(cfg.data.train)
+    classes = dataset_info(cfg.data.train).classes
     num_classes = cfg.model.num_classes or len(classes)
     seed_everything(cfg.train.seed + dist.rank)
     model, report = create_model(cfg.model, num_classes=num_classes, img_size=cfg.data.img_size)
@@ -132,21 +132,15 @@ def train_and_evaluate(
         ConfigError: the checkpoint to resume was trained with another model.
     """
     dist, ckpt_dir = run.dist, run.dir / CKPT_SUBDIR
-    common = dict(img_size=cfg.data.img_size, num_workers=cfg.data.num_workers, device=dist.device,
-                  os_cache=cfg.data.os_cache)
-    subset = labeled_subset(cfg.data.train, fraction=cfg.data.labels_fraction, per_class=cfg.data.labels_per_class,
-                            seed=cfg.data.labels_seed)
+    subset = labeled_indices(cfg.data)
     if subset is not None:
         log.info("labelled subset: %d images of %s (labels_fraction %g, labels_per_class %d, seed %d)", len(subset),
                  cfg.data.train, cfg.data.labels_fraction, cfg.data.labels_per_class, cfg.data.labels_seed)
-    train_loader = build_train_loader(
-        cfg.data.train, batch_size=cfg.train.micro_batch, scale=cfg.data.rrc_scale, ratio=cfg.data.rrc_ratio,
-        hflip=cfg.data.hflip, seed=cfg.train.seed, distributed=dist.world_size > 1,
-        batches_ahead=cfg.data.batches_ahead, indices=subset, **common,
-    )
-    val_loader = build_val_loader(cfg.data.val, batch_size=cfg.train.micro_batch, crop_ratio=cfg.data.val_crop_ratio,
-                                  rank=dist.rank, world_size=dist.world_size, **common)
-    updates = len(train_loader) // cfg.train.grad_accum
+    train = train_loader(cfg.data, batch_size=cfg.train.micro_batch, seed=cfg.train.seed, device=dist.device,
+                         world_size=dist.world_size, indices=subset)
+    val = val_loader(cfg.data, batch_size=cfg.train.micro_batch, device=dist.device, rank=dist.rank,
+                     world_size=dist.world_size)
+    updates = len(train) // cfg.train.grad_accum
     if cfg.train.max_steps_per_epoch:
         updates = min(updates, cfg.train.max_steps_per_epoch)
 
@@ -165,7 +159,7 @@ def train_and_evaluate(
         nonlocal ev
         wait = dict(data_wait_s=stats["data_wait_s"], data_wait_frac=stats["data_wait_frac"])
         if epoch + 1 == cfg.train.epochs or (epoch + 1) % cfg.train.eval_every == 0:
-            ev = evaluate_fn(val_loader)
+            ev = evaluate_fn(val)
             if ev["top1"] > best["top1"]:
                 best.update(top1=ev["top1"], top5=ev["top5"], epoch=epoch)
             metrics.write(epoch_end=epoch, train_loss=stats["loss"], val_top1=ev["top1"], val_top5=ev["top5"],
@@ -180,12 +174,12 @@ def train_and_evaluate(
                      cfg.train.epochs, stats["loss"], stats["img_per_s"], stats["data_wait_s"],
                      100 * stats["data_wait_frac"])
 
-    client = {"config": to_dict(cfg), "classes": run.classes, "class_names": read_class_names(cfg.data.train),
-              "git_sha": git_sha(), **(client_extra or {}),
+    client = {"config": to_dict(cfg), "classes": run.classes,
+              "class_names": dataset_info(cfg.data.train).class_names, "git_sha": git_sha(), **(client_extra or {}),
               "pretrain_config": run.report.pretrain_config, "model_name": run.name, "num_classes": run.num_classes}
     try:
         stats = fit(
-            engine, state=state, epochs=cfg.train.epochs, begin_epoch=lambda epoch: (train_loader, updates),
+            engine, state=state, epochs=cfg.train.epochs, begin_epoch=lambda epoch: (train, updates),
             step_fn=step_fn, scheduler=scheduler, train=cfg.train, ckpt_dir=ckpt_dir,
             client_state=lambda: {**client, "best": dict(best)}, metrics=metrics, show_progress=dist.is_main,
             stop_requested=Preemption(dist.device).requested, end_epoch=end_epoch,
@@ -196,7 +190,7 @@ def train_and_evaluate(
     if stats["preempted"]:
         return {"top1": None, "top5": None, "best_top1": best["top1"], "run_dir": str(run.dir), "preempted": True}
     if not ev:  # resumed from a checkpoint of the last epoch: nothing trained, report the model as it is
-        ev = evaluate_fn(val_loader)
+        ev = evaluate_fn(val)
     result = {"top1": ev.get("top1"), "top5": ev.get("top5"), "best_top1": best["top1"], "run_dir": str(run.dir)}
     if dist.is_main:
         print(summary.format(top1=result["top1"], top5=result["top5"], best_top1=best["top1"],

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .checkpoint import CKPT_SUBDIR, find_resume, load, read_client_state
 from .config import PretrainCfg, Stage, dump_yaml, resolve, to_dict
-from .data.loaders import build_train_loader, dataset_labels
+from .data import dataset_info, train_loader
 from .ds_engine import build_ds_config, create_engine
 from .engine import LoopState, fit
 from .metrics import MetricsWriter
@@ -33,7 +33,7 @@ from .runtime import (
     setup_logging,
 )
 from .trackers import build_trackers
-from .validate import check_pretrain, check_resume_compatible, read_classes
+from .validate import check_pretrain, check_resume_compatible
 from .visualize import EpochVisualizer
 
 logger = logging.getLogger(__name__)
@@ -138,8 +138,7 @@ def _quality_monitor(cfg: PretrainCfg, model, dist) -> QualityMonitor | None:
     if ev.knn_every and not hasattr(model, "adapter"):
         logger.warning("%s: k-NN needs an encoder with an adapter; not measured", cfg.method)
         ev = dataclasses.replace(ev, knn_every=0)
-    classes = read_classes(cfg.data.train)
-    num_classes = len(classes) or int(dataset_labels(cfg.data.train).max()) + 1
+    num_classes = dataset_info(cfg.data.train).num_classes
     return QualityMonitor(ev, train=cfg.data.train, val=cfg.data.val, num_classes=num_classes, rank=dist.rank,
                           world_size=dist.world_size, device=dist.device, num_workers=cfg.data.num_workers)
 
@@ -158,12 +157,8 @@ def _enter_stage(stage: Stage, current: dict, cfg: PretrainCfg, engine, optimize
     """Switches loader, model input size, engine batch sizes and lr to ``stage``."""
     old = current["stage"]
     if old is None or old.micro_batch != stage.micro_batch:
-        current["loader"] = build_train_loader(
-            cfg.data.train, img_size=stage.img_size, batch_size=stage.micro_batch, scale=cfg.data.rrc_scale,
-            ratio=cfg.data.rrc_ratio, hflip=cfg.data.hflip, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
-            distributed=dist.world_size > 1, device=dist.device, os_cache=cfg.data.os_cache,
-            batches_ahead=cfg.data.batches_ahead,
-        )
+        current["loader"] = train_loader(cfg.data, img_size=stage.img_size, batch_size=stage.micro_batch,
+                                         seed=cfg.train.seed, device=dist.device, world_size=dist.world_size)
     current["loader"].set_img_size(stage.img_size)
     engine.module.set_img_size(stage.img_size)
     engine.set_train_micro_batch_size(stage.micro_batch)

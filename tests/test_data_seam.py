@@ -189,3 +189,15 @@ def test_eval_loaders(small_beton):
                           indices=[0, 9, 17, 30, 79]) for r in range(2)]
     got = [torch.cat([y.clone() for _, y in s]).tolist() for s in shards]
     assert got == [labels[[0, 17, 79]].tolist(), labels[[9, 30]].tolist()]
+
+
+def test_pictures_take_the_first_images_with_their_classes(small_beton, tmp_path):
+    from fastmim_ds.config import VisCfg
+    from fastmim_ds.visualize import EpochVisualizer
+
+    vis = EpochVisualizer(VisCfg(every=1, num_images=3), data_train=str(small_beton / "train.beton"), run_dir=tmp_path,
+                          write=False)
+    imgs, names = vis.images(32)
+    first = dataset_info(small_beton / "train.beton").classes[0]
+    assert imgs.shape == (3, 3, 32, 32) and names == [f"#{i} {first}" for i in range(3)]  # sorted by class on disk
+    assert vis.images(32)[0] is imgs  # read once per image size

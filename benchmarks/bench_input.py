@@ -3,7 +3,7 @@
 Both sides run the product's training loop (``fastmim_ds.loop.train_one_epoch``) on the same DeepSpeed engine
 (ZeRO-2, ``benchmarks.common.build_engine``) and the same FastMIM ViT-B/16 at 128 px:
 
-* **real**: ``fastmim_ds.data.loaders.build_train_loader`` on the imagenette beton (``benchmarks.bench_loader``'s,
+* **real**: ``fastmim_ds.data.train_loader`` on the imagenette beton (``benchmarks.bench_loader``'s,
   converted once into ``data/bench/``), ``--loader-threads`` FFCV decoding threads, batches landing on the device;
 * **synthetic**: the same number of batches of random normalised images already on the device (no loader work).
 
@@ -39,7 +39,7 @@ from benchmarks.common import (
     sync,
     write_result,
 )
-from fastmim_ds.config import MIMModelCfg
+from fastmim_ds.config import DataCfg, MIMModelCfg
 from fastmim_ds.loop import LoopState, train_one_epoch
 from fastmim_ds.methods import create_mim_model
 from fastmim_ds.methods.fastmim import FastMIMCfg
@@ -114,13 +114,12 @@ def main() -> None:
     model = create_mim_model(method, model_cfg, img_size)
     engine = build_engine(model.to(device), dtype=dtype, micro_batch=batch)
 
-    from fastmim_ds.data.loaders import build_train_loader
+    from fastmim_ds.data import train_loader
 
     loaders = {}
-    for n in threads:
-        loader = build_train_loader(str(args.beton), img_size=img_size, batch_size=batch, scale=(0.2, 1.0),
-                                    ratio=(3 / 4, 4 / 3), hflip=True, num_workers=n, seed=0, distributed=False,
-                                    device=device)
+    for n in threads:  # RandomResizedCrop (0.2, 1), ratio (3/4, 4/3), flip: DataCfg's pre-training defaults
+        loader = train_loader(DataCfg(train=str(args.beton), num_workers=n), img_size=img_size, batch_size=batch,
+                              seed=0, device=device)
         need = args.warmup + steps
         if len(loader) < need:
             raise ValueError(f"{args.beton}: {len(loader)} batches of {batch}, need {need} (lower --steps/--batch)")

@@ -5,7 +5,7 @@ Stages (each writes ``<out>/<stage>.json``; a failing stage records its error an
 1. ``peak``: the measured dense bf16 matmul peak of the GPU (and TF32 fp32), n x n @ n x n, best size;
 2. ``step``: the FastMIM ViT-B/16 pre-training step at 128 px in bf16 on the product's ZeRO-2 engine: img/s and
    its utilisation of the measured bf16 peak (model FLOPs of forward + backward from ``torch.utils.flop_counter``);
-3. ``ffcv``: FFCV decoding to the GPU at 128 px: the product's training loader (``build_train_loader``, RRC + flip,
+3. ``ffcv``: FFCV decoding to the GPU at 128 px: the product's training loader (``data.train_loader``, RRC + flip,
    normalised batches landing on the device) on the imagenette beton, img/s after one warm-up epoch;
 4. ``zero``: ZeRO-2 vs ZeRO-0 memory of the FastMIM ViT-B engine on this rank after two steps: parameters,
    optimizer state, gradients and buffers (the storage walk of ``benchmarks.bench_zero``) and CUDA's peak allocation.
@@ -139,13 +139,14 @@ def ensure_dataset(plan: Plan, data_root: Path) -> Path:
 
 
 def stage_ffcv(plan: Plan, ctx: dict) -> dict:
-    from fastmim_ds.data.loaders import build_train_loader
+    from fastmim_ds.config import DataCfg
+    from fastmim_ds.data import train_loader
 
     beton = ctx["data"] / "train.beton"
     batch = 8 if plan.dry else 256
-    loader = build_train_loader(str(beton), img_size=plan.img_size, batch_size=batch, scale=(0.2, 1.0),
-                                ratio=(3 / 4, 4 / 3), hflip=True, num_workers=plan.loader_threads, seed=0,
-                                distributed=False, device=plan.device)
+    # RandomResizedCrop (0.2, 1), ratio (3/4, 4/3), flip: DataCfg's pre-training defaults
+    loader = train_loader(DataCfg(train=str(beton), num_workers=plan.loader_threads), img_size=plan.img_size,
+                          batch_size=batch, seed=0, device=plan.device)
     n = min(plan.ffcv_batches, len(loader) - 1)
     t0 = time.perf_counter()
     for _ in loader:  # warm-up epoch: numba JIT, page cache

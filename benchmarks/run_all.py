@@ -3,7 +3,8 @@
 Each benchmark is its own process (FFCV's loader threads, DeepSpeed's process group and the 2-rank ZeRO jobs stay
 apart). Issue 16 added ``input`` (loader stalls), ``gradckpt`` (activation checkpointing), ``compile``
 (torch.compile) and ``zero_knobs`` (ZeRO-2 knobs); their result files render in RESULTS.md's last sections.
-On ``--device cuda`` the ZeRO memory benchmark is not run: it needs 2 ranks, measured on CPU ranks.
+Issue 13 added ``convert`` (``prepare`` vs FFCV's ``DatasetWriter``, folder and tar input; CPU work, any device).
+On ``--device cuda`` the ZeRO memory benchmark (2 ranks, measured on CPU ranks) and ``convert`` are not run.
 
 Usage: ``python -m benchmarks.run_all [--device cuda] [--only loader step ...]``.
 """
@@ -24,9 +25,10 @@ from benchmarks.report import write_report
 
 logger = logging.getLogger("run_all")
 
-BENCHMARKS = ("loader", "step", "scaling", "zero", "input", "gradckpt", "compile", "zero_knobs")  # benchmarks.bench_*
-CUDA_SKIP = ("zero",)  # 2-rank CPU job: not run with --device cuda
-NO_DEVICE_FLAG = ("zero",)  # takes no --device
+BENCHMARKS = ("loader", "step", "scaling", "zero", "input", "gradckpt", "compile", "zero_knobs",
+              "convert")  # benchmarks.bench_*
+CUDA_SKIP = ("zero", "convert")  # CPU jobs (2 CPU ranks; image conversion): not run with --device cuda
+NO_DEVICE_FLAG = ("zero", "convert")  # take no --device
 
 
 def main() -> None:

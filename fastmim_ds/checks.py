@@ -24,12 +24,13 @@ from .config import (
     to_dict,
     upgrade_pretrain_layout,
 )
+from .data import DatasetInfo, dataset_info, labeled_indices
 from .ds_engine import load_ds_config
 from .trackers import check_tracker_packages
 from .weights import classifier_arch, pretrain_config_of
 
-__all__ = ["check_pretrain", "check_finetune", "check_common", "check_resume_compatible", "read_classes",
-           "read_class_names", "read_dataset_meta", "check_labeled",
+__all__ = ["check_pretrain", "check_finetune", "check_common", "check_resume_compatible", "check_dataset",
+           "check_num_classes", "check_labeled",
            "check_model_kwargs", "check_classifier_kwargs"]
 
 
@@ -51,11 +52,9 @@ def check_common(data, optim, train, world_size: int, *, need_val: bool) -> Reso
         raise ConfigError(f"optim.clip_grad must be >= 0 (0 = off), got {optim.clip_grad}")
     if not (0.0 < data.rrc_scale[0] <= data.rrc_scale[1] <= 1.0):
         raise ConfigError(f"data.rrc_scale must satisfy 0 < min <= max <= 1, got {list(data.rrc_scale)}")
-    for key in ("train", "val") if need_val else ("train",):
-        p = Path(getattr(data, key))
-        if not p.is_file():
-            raise ConfigError(f"data.{key}: {p} not found "
-                              "(create it with `make prepare-data SRC=<imagefolder> OUT=...`)")
+    train_info = check_dataset(data, "train")
+    if need_val:
+        check_dataset(data, "val")
     for key, low in (("ckpt_every", 1), ("ckpt_every_steps", 0), ("keep_last", 1), ("log_every", 1),
                      ("max_nonfinite", 1), ("max_steps_per_epoch", 0)):
         if getattr(train, key) < low:
@@ -66,12 +65,8 @@ def check_common(data, optim, train, world_size: int, *, need_val: bool) -> Reso
         raise ConfigError(f"data.labels_per_class must be >= 0, got {data.labels_per_class}")
     load_ds_config(train.ds_config)
     check_tracker_packages(train)
-    from .data.loaders import dataset_size, labeled_subset  # importing ffcv is slow: only when files are checked
-
-    n = dataset_size(data.train)
-    if data.labels_fraction < 1 or data.labels_per_class:
-        n = len(labeled_subset(data.train, fraction=data.labels_fraction, per_class=data.labels_per_class,
-                               seed=data.labels_seed))
+    subset = labeled_indices(data)
+    n = train_info.num_images if subset is None else len(subset)
     per_update = train.micro_batch * train.grad_accum * world_size
     if n < per_update:
         raise ConfigError(f"train.micro_batch: {train.micro_batch} x {train.grad_accum} accumulation x {world_size} "
@@ -200,7 +195,7 @@ def _check_eval(cfg: PretrainCfg, *, check_files: bool) -> None:
             raise ConfigError(f"eval.{key} must be >= 1, got {getattr(ev, key)}")
     if ev.knn_temperature <= 0:
         raise ConfigError(f"eval.knn_temperature must be > 0, got {ev.knn_temperature}")
-    if check_files and ev.knn_every and read_dataset_meta(cfg.data.train).get("unlabeled"):
+    if check_files and ev.knn_every and not check_dataset(cfg.data, "train").labeled:
         raise ConfigError(f"eval.knn_every: k-NN accuracy needs labels, and {cfg.data.train} is unlabeled; "
                           "set eval.knn_every=0")
     if check_files and ev.knn_every and not Path(cfg.data.val).is_file():
@@ -277,35 +272,43 @@ def check_resume_compatible(cfg, saved: dict, tag_dir: Path, *, world_size: int 
         raise ConfigError(f"{section}: the checkpoint {tag_dir} was trained with {a!r}, the config says {b!r}")
 
 
-def read_dataset_meta(beton: str) -> dict:
-    """The converter's ``classes.json`` next to the .beton (``{}`` if absent)."""
-    meta = Path(beton).with_name("classes.json")
-    return json.loads(meta.read_text()) if meta.is_file() else {}
+def check_dataset(data, key: str) -> DatasetInfo:
+    """The :func:`~fastmim_ds.data.dataset_info` of ``data.<key>`` (``train`` or ``val``).
 
-
-def read_classes(beton: str) -> list[str]:
-    """Class names stored by the converter in ``classes.json`` next to the .beton ([] if absent or unlabeled)."""
-    return list(read_dataset_meta(beton).get("classes", []))
-
-
-def read_class_names(beton: str) -> list[str]:
-    """Human-readable class names (ImageNet devkit / synset mapping / ClassLabel), parallel to
-    :func:`read_classes`; ``[]`` when the source gave none."""
-    return list(read_dataset_meta(beton).get("names", []))
+    Raises:
+        ConfigError: one line naming the key: the file is missing, or is not a prepared dataset.
+    """
+    path = getattr(data, key)
+    try:
+        return dataset_info(path)
+    except FileNotFoundError:
+        raise ConfigError(f"data.{key}: {path} not found (create it with `make prepare-data SRC=<imagefolder> "
+                          "OUT=...`)") from None
+    except ValueError as e:
+        raise ConfigError(f"data.{key}: {e}") from None
 
 
 def check_labeled(data, command: str) -> None:
     """Refuses an unlabeled dataset (``prepare`` of a folder without classes) for a command that needs labels.
 
     Raises:
-        ConfigError: one line naming the key, the file and what to do.
+        ConfigError: one line naming the key, the file and what to do (or that the file is missing).
     """
     for key in ("train", "val"):
-        beton = getattr(data, key)
-        if read_dataset_meta(beton).get("unlabeled"):
-            raise ConfigError(f"data.{key}: {beton} is unlabeled (prepared from images without classes); {command} "
-                              "needs labels: prepare a labeled set (train/<class>/, val/<class>/) for it, and use "
-                              "this one for pre-training")
+        if not check_dataset(data, key).labeled:
+            raise ConfigError(f"data.{key}: {getattr(data, key)} is unlabeled (prepared from images without "
+                              f"classes); {command} needs labels: prepare a labeled set (train/<class>/, "
+                              "val/<class>/) for it, and use this one for pre-training")
+
+
+def check_num_classes(cfg) -> None:
+    """Refuses ``model.num_classes: 0`` (take the dataset's) of a classifier config whose train set names no classes.
+
+    Raises:
+        ConfigError: one line naming the key and the fix.
+    """
+    if cfg.model.num_classes == 0 and not check_dataset(cfg.data, "train").classes:
+        raise ConfigError(f"model.num_classes: 0 needs {Path(cfg.data.train).with_name('classes.json')}; set it")
 
 
 def check_finetune(cfg: FinetuneCfg, world_size: int, *, check_files: bool = True) -> Resolved:
@@ -328,8 +331,8 @@ def check_finetune(cfg: FinetuneCfg, world_size: int, *, check_files: bool = Tru
     elif not cfg.model.name:
         raise ConfigError("model.name: give a timm model name, or model.pretrained to take the pre-trained encoder's")
     check_classifier_kwargs(cfg.model)
-    if check_files and cfg.model.num_classes == 0 and not read_classes(cfg.data.train):
-        raise ConfigError(f"model.num_classes: 0 needs {Path(cfg.data.train).with_name('classes.json')}; set it")
+    if check_files:
+        check_num_classes(cfg)
     if not 0 <= cfg.aug.smoothing < 1:
         raise ConfigError(f"aug.smoothing must be in [0, 1), got {cfg.aug.smoothing}")
     if check_files:

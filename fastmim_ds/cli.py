@@ -203,8 +203,7 @@ def _knn(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .checks import read_classes
-    from .data.loaders import build_val_loader, dataset_labels, dataset_size
+    from .data import dataset_info, eval_loader
     from .knn import encoder_features, knn_evaluate, load_source
     from .quality import spread_indices
 
@@ -216,10 +215,10 @@ def _knn(args: argparse.Namespace) -> int:
     cpu = torch.device("cpu")
     common = dict(img_size=data["img_size"], batch_size=args.batch_size, crop_ratio=224 / 256,
                   num_workers=args.workers, rank=0, world_size=1, device=cpu)
-    bank = build_val_loader(train, indices=spread_indices(dataset_size(train), args.bank_images), **common)
-    queries = build_val_loader(val, **common)
-    num_classes = len(read_classes(train)) or int(dataset_labels(train).max()) + 1
-    result = knn_evaluate(encoder_features(model), bank, queries, num_classes=num_classes, device=cpu, k=args.k,
+    info = dataset_info(train)
+    bank = eval_loader(train, indices=spread_indices(info.num_images, args.bank_images), **common)
+    queries = eval_loader(val, **common)
+    result = knn_evaluate(encoder_features(model), bank, queries, num_classes=info.num_classes, device=cpu, k=args.k,
                           temperature=args.temperature, model=model)
     result.update(source=args.source, train=train, val=val, img_size=data["img_size"], k=args.k,
                   temperature=args.temperature)

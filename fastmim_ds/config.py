@@ -48,7 +48,7 @@ class DataCfg:
     os_cache: bool = True  # page-cache the .beton, shared by the ranks of a node (FFCV docs)
     batches_ahead: int = 3
     # Label-efficient fine-tuning / linear probing: a seeded, class-balanced subset of data.train (the same subset for
-    # every run with the same values; see fastmim_ds.data.loaders.labeled_subset). Pre-training ignores them.
+    # every run with the same values; see fastmim_ds.data.labeled_indices). Pre-training ignores them.
     labels_fraction: float = 1.0  # keep round(fraction x class size) images per class; 1.0 = all
     labels_per_class: int = 0  # >0: keep this many images per class instead (overrides labels_fraction)
     labels_seed: int = 0

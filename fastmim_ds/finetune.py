@@ -20,9 +20,9 @@ from timm.data import Mixup
 from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from .checks import check_finetune, read_class_names, read_classes
+from .checks import check_finetune
 from .config import FinetuneCfg, LinprobeCfg, to_dict
-from .data.loaders import build_train_loader, build_val_loader, labeled_subset
+from .data import dataset_info, labeled_indices, train_loader, val_loader
 from .ds_engine import build_ds_config, create_engine
 from .loop import Loop, LoopState, evaluate
 from .models.classifier import LoadReport, create_classifier
@@ -49,7 +49,7 @@ def start_classifier_run(cfg: ClassifierTaskCfg, *, task: str, check, resume: st
     """
     name = classifier_arch({"name": cfg.model.name}, pretrain_config_of(cfg.model.pretrained))[0]
     run = start_run(cfg, check=check, default_name=f"{task}-{name}-{cfg.data.img_size}", resume=resume)
-    return run, name, cfg.model.num_classes or len(read_classes(cfg.data.train))
+    return run, name, cfg.model.num_classes or len(dataset_info(cfg.data.train).classes)
 
 
 class ClassifierLoop(Loop):
@@ -84,27 +84,21 @@ class ClassifierLoop(Loop):
         self.cfg, self.run_ = cfg, run
         self.best = client.get("best", {"top1": -1.0, "epoch": -1})
         self.last_eval: dict = {}
-        common = dict(img_size=cfg.data.img_size, num_workers=cfg.data.num_workers, device=dist.device,
-                      os_cache=cfg.data.os_cache)
-        subset = labeled_subset(cfg.data.train, fraction=cfg.data.labels_fraction,
-                                per_class=cfg.data.labels_per_class, seed=cfg.data.labels_seed)
+        subset = labeled_indices(cfg.data)
         if subset is not None:
             logger.info("labelled subset: %d images of %s (labels_fraction %g, labels_per_class %d, seed %d)",
                         len(subset), cfg.data.train, cfg.data.labels_fraction, cfg.data.labels_per_class,
                         cfg.data.labels_seed)
-        self.train_loader = build_train_loader(
-            cfg.data.train, batch_size=cfg.train.micro_batch, scale=cfg.data.rrc_scale, ratio=cfg.data.rrc_ratio,
-            hflip=cfg.data.hflip, seed=cfg.train.seed, distributed=dist.world_size > 1,
-            batches_ahead=cfg.data.batches_ahead, indices=subset, **common,
-        )
-        self.val_loader = build_val_loader(cfg.data.val, batch_size=cfg.train.micro_batch,
-                                           crop_ratio=cfg.data.val_crop_ratio, rank=dist.rank,
-                                           world_size=dist.world_size, **common)
+        self.train_loader = train_loader(cfg.data, batch_size=cfg.train.micro_batch, seed=cfg.train.seed,
+                                         device=dist.device, world_size=dist.world_size, indices=subset)
+        self.val_loader = val_loader(cfg.data, batch_size=cfg.train.micro_batch, device=dist.device, rank=dist.rank,
+                                     world_size=dist.world_size)
         self.updates = len(self.train_loader) // cfg.train.grad_accum
         if cfg.train.max_steps_per_epoch:
             self.updates = min(self.updates, cfg.train.max_steps_per_epoch)
-        self.client = {"config": to_dict(cfg), "classes": read_classes(cfg.data.train),
-                       "class_names": read_class_names(cfg.data.train), "git_sha": git_sha(), **(client_extra or {}),
+        info = dataset_info(cfg.data.train)
+        self.client = {"config": to_dict(cfg), "classes": info.classes, "class_names": info.class_names,
+                       "git_sha": git_sha(), **(client_extra or {}),
                        "pretrain_config": report.pretrain_config, "model_name": model_name, "num_classes": num_classes}
 
     def begin_epoch(self, epoch: int) -> tuple[object, int]:

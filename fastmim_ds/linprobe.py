@@ -117,7 +117,7 @@ def check_linprobe(cfg: LinprobeCfg, world_size: int, *, check_files: bool = Tru
     Raises:
         ConfigError: one line naming the key and the fix.
     """
-    from .checks import check_classifier_kwargs, check_common, check_labeled, read_classes
+    from .checks import check_classifier_kwargs, check_common, check_labeled, check_num_classes
 
     if check_files:
         check_labeled(cfg.data, "the linear probe")
@@ -134,8 +134,8 @@ def check_linprobe(cfg: LinprobeCfg, world_size: int, *, check_files: bool = Tru
     if cfg.optim.momentum < 0 or cfg.optim.weight_decay < 0:
         raise ConfigError(f"optim.momentum and optim.weight_decay must be >= 0, got {cfg.optim.momentum}, "
                           f"{cfg.optim.weight_decay}")
-    if check_files and cfg.model.num_classes == 0 and not read_classes(cfg.data.train):
-        raise ConfigError(f"model.num_classes: 0 needs {Path(cfg.data.train).with_name('classes.json')}; set it")
+    if check_files:
+        check_num_classes(cfg)
     if check_files:
         return check_common(cfg.data, _optim_view(cfg.optim), cfg.train, world_size, need_val=True)
     return resolve(_optim_view(cfg.optim), cfg.train, world_size)

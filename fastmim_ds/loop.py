@@ -289,7 +289,7 @@ class Loop:
 def evaluate(model: torch.nn.Module, loader, *, dtype: torch.dtype, show_progress: bool = False) -> dict:
     """Top-1/top-5 accuracy (%) and cross-entropy over the whole val set, exact across ranks.
 
-    Each rank must see a disjoint shard (``build_val_loader`` does this); sums are all-reduced, so every image
+    Each rank must see a disjoint shard (``fastmim_ds.data.val_loader`` does this); sums are all-reduced, so every image
     counts once.
     """
     model.eval()

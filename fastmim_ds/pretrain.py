@@ -14,9 +14,9 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from .checks import check_pretrain, read_classes
+from .checks import check_pretrain
 from .config import PretrainCfg, Stage, resolve, to_dict
-from .data.loaders import build_train_loader, dataset_labels
+from .data import dataset_info, train_loader
 from .ds_engine import build_ds_config, create_engine
 from .loop import Loop, LoopState
 from .methods import create_mim_model
@@ -68,12 +68,8 @@ class PretrainLoop(Loop):
         """Switches loader, model input size, engine batch sizes and lr to ``stage`` (FastMIM-P)."""
         cfg, dist, engine = self.cfg, self.run_.dist, self.engine
         if self.stage is None or self.stage.micro_batch != stage.micro_batch:
-            self.loader = build_train_loader(
-                cfg.data.train, img_size=stage.img_size, batch_size=stage.micro_batch, scale=cfg.data.rrc_scale,
-                ratio=cfg.data.rrc_ratio, hflip=cfg.data.hflip, num_workers=cfg.data.num_workers,
-                seed=cfg.train.seed, distributed=dist.world_size > 1, device=dist.device, os_cache=cfg.data.os_cache,
-                batches_ahead=cfg.data.batches_ahead,
-            )
+            self.loader = train_loader(cfg.data, img_size=stage.img_size, batch_size=stage.micro_batch,
+                                       seed=cfg.train.seed, device=dist.device, world_size=dist.world_size)
         self.loader.set_img_size(stage.img_size)
         engine.module.set_img_size(stage.img_size)
         engine.set_train_micro_batch_size(stage.micro_batch)
@@ -136,8 +132,7 @@ def _quality_monitor(cfg: PretrainCfg, dist) -> QualityMonitor | None:
     if not Path(cfg.data.val).is_file():  # k-NN without a val set is refused before launch
         logger.warning("no val set at %s: reconstruction skill is not measured (set data.val)", cfg.data.val)
         return None
-    classes = read_classes(cfg.data.train)
-    num_classes = len(classes) or int(dataset_labels(cfg.data.train).max()) + 1
+    num_classes = dataset_info(cfg.data.train).num_classes
     return QualityMonitor(ev, train=cfg.data.train, val=cfg.data.val, num_classes=num_classes, rank=dist.rank,
                           world_size=dist.world_size, device=dist.device, num_workers=cfg.data.num_workers)
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from .config import PretrainEvalCfg
-from .data.loaders import build_val_loader, dataset_size
+from .data import dataset_info, eval_loader
 from .knn import encoder_features, knn_evaluate
 from .metrics import all_reduce_sum
 
@@ -97,8 +97,8 @@ class QualityMonitor:
     def _loader(self, path: str, img_size: int, n: int, batch_size: int):
         key = (path, n, batch_size)
         if key not in self._loaders:  # built once (FFCV compiles its pipeline), resized with the stages
-            subset = spread_indices(dataset_size(path), n)
-            self._loaders[key] = build_val_loader(
+            subset = spread_indices(dataset_info(path).num_images, n)
+            self._loaders[key] = eval_loader(
                 path, img_size=img_size, batch_size=batch_size, crop_ratio=224 / 256, num_workers=self.num_workers,
                 rank=self.rank, world_size=self.world, device=self.device, indices=subset)
         loader = self._loaders[key]

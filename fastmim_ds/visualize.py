@@ -339,9 +339,9 @@ def visualize(path: str | Path, images: str | Path | list, out: str | Path, *, n
 class EpochVisualizer:
     """The pre-training hook: every ``vis.every`` epochs, a reconstruction grid to ``<run_dir>/vis/epochXXXX.png``.
 
-    Images: ``vis.images`` (a folder), else the first ``vis.num_images`` images of ``data_train`` (the .beton,
-    centre crops through the FFCV validation pipeline). They are read once per image size (FastMIM-P stages) and
-    kept on CPU.
+    Images: ``vis.images`` (a folder), else the first ``vis.num_images`` images of ``data_train`` (centre crops
+    through :func:`fastmim_ds.data.eval_loader`, rows named by sample index and class id). They are read once per image
+    size (FastMIM-P stages) and kept on CPU.
 
     Args:
         vis: the config section.
@@ -364,17 +364,18 @@ class EpochVisualizer:
             if self.vis.images:
                 self._images[img_size] = load_images(self.vis.images, img_size, limit=self.vis.num_images)
             else:
-                self._images[img_size] = self._beton_images(img_size)
+                self._images[img_size] = self._dataset_images(img_size)
         return self._images[img_size]
 
-    def _beton_images(self, img_size: int) -> tuple[torch.Tensor, list[str]]:
-        from .data.loaders import build_val_loader
+    def _dataset_images(self, img_size: int) -> tuple[torch.Tensor, list[str]]:
+        from .data import dataset_info, eval_loader
 
-        loader = build_val_loader(self.data_train, img_size=img_size, batch_size=self.vis.num_images, crop_ratio=1.0,
-                                  num_workers=1, rank=0, world_size=1, device=torch.device("cpu"), os_cache=True)
-        imgs, _ = next(iter(loader))
-        imgs = imgs.clone().contiguous()  # FFCV reuses its batch buffers
-        return imgs, [f"train #{i}" for i in range(imgs.shape[0])]
+        loader = eval_loader(self.data_train, img_size=img_size, batch_size=self.vis.num_images, crop_ratio=1.0,
+                             device=torch.device("cpu"))
+        imgs, labels = next(iter(loader))
+        imgs = imgs.clone().contiguous()  # the loader reuses its batch buffers
+        classes = dataset_info(self.data_train).classes
+        return imgs, [f"#{i} {classes[y]}" if classes else f"train #{i}" for i, y in enumerate(labels.tolist())]
 
     def __call__(self, model: nn.Module, epoch: int, img_size: int) -> Path | None:
         """Draws the picture after epoch ``epoch`` (0-based) at ``img_size``; returns its path on the writing rank."""

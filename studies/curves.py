@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from fastmim_ds.checkpoint import CKPT_SUBDIR, complete_tags, read_client_state
-from fastmim_ds.checks import read_classes
 from fastmim_ds.config import PretrainEvalCfg
+from fastmim_ds.data import dataset_info
 from fastmim_ds.methods import initial_mim_model
 from fastmim_ds.quality import QualityMonitor
 from fastmim_ds.visualize import load_mim_model
@@ -35,7 +35,8 @@ def main() -> None:
     args = ap.parse_args()
     init, cfg = initial_mim_model(args.config)
     ev = PretrainEvalCfg(skill_every=1, knn_every=int(args.knn), knn_bank_images=args.bank_images)
-    mon = QualityMonitor(ev, train=cfg.data.train, val=args.val, num_classes=len(read_classes(cfg.data.train)),
+    num_classes = dataset_info(cfg.data.train).num_classes
+    mon = QualityMonitor(ev, train=cfg.data.train, val=args.val, num_classes=num_classes,
                          rank=0, world_size=1, device=torch.device("cpu"), num_workers=2)
     points = [("init", 0, init)]
     for tag in complete_tags(Path(args.run) / CKPT_SUBDIR):

@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from fastmim_ds.config import MIMModelCfg
-from fastmim_ds.data.loaders import build_val_loader
+from fastmim_ds.data import eval_loader
 from fastmim_ds.methods import create_mim_model
 from fastmim_ds.methods import fastmim as mim_module
 from fastmim_ds.methods.fastmim import FastMIMCfg
@@ -38,8 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--beton", default="data/imagenette128/val.beton")
     args = ap.parse_args()
-    loader = build_val_loader(args.beton, img_size=64, batch_size=32, crop_ratio=0.875, num_workers=1, rank=0,
-                              world_size=1, device=torch.device("cpu"))
+    loader = eval_loader(args.beton, img_size=64, batch_size=32, crop_ratio=0.875, device=torch.device("cpu"))
     images = next(iter(loader))[0].clone()
     for target in ("hog", "pixel"):
         for xavier in (True, False):

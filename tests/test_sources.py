@@ -171,6 +171,22 @@ def test_imagenet_tars_with_devkit_and_a_corrupt_member(jpegs, tmp_path, capsys)
     assert meta["classes"] == WNIDS and meta["names"][0] == "tench, Tinca tinca" and not meta["unlabeled"]
 
 
+def test_devkit_without_its_files_or_with_unknown_ids_is_refused(tmp_path):
+    from fastmim_ds.data.sources import parse_devkit
+
+    bare = tmp_path / "bare.tar.gz"
+    with tarfile.open(bare, "w:gz") as tf:
+        _add(tf, "ILSVRC2012_devkit_t12/readme.txt", b"no data folder")
+    with pytest.raises(ValueError, match=r"bare.tar.gz: not an ILSVRC2012 devkit, it has no data/meta.mat / "):
+        parse_devkit(bare)
+    _devkit(tmp_path / "odd.tar.gz", [1, 4])  # ID 4 is the parent synset: no class of its own
+    with pytest.raises(ValueError, match=r"odd.tar.gz: val ground truth names synset IDs that are no leaf class: .4"):
+        parse_devkit(tmp_path / "odd.tar.gz")
+    _devkit(tmp_path / "ok.tar.gz", [3, 1])
+    names, val = parse_devkit(tmp_path / "ok.tar.gz")
+    assert val == [WNIDS[2], WNIDS[0]] and names[WNIDS[0]] == ("tench", "Tinca tinca") and len(names) == 3
+
+
 # ------------------------------------------------------------------ Kaggle layout, flat val + labels file
 def test_kaggle_layout(jpegs, tmp_path, capsys):
     root = tmp_path / "kaggle"

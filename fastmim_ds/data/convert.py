@@ -247,10 +247,11 @@ def load_rgb(path: str, max_side: int | None = None) -> np.ndarray:
             if im.mode.startswith("I;16") or im.mode == "I":
                 arr = np.clip(np.asarray(im, dtype=np.float64), 0, 65535)
                 im = Image.fromarray(np.rint(arr / 257.0).astype(np.uint8), "L")
-            im = im.convert("RGB")
+            if im.mode != "RGB":  # convert() of an RGB image would copy it for nothing
+                im = im.convert("RGB")
             if max_side and max(im.size) > max_side:
                 im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-            return np.asarray(im, dtype=np.uint8).copy()
+            return np.array(im, dtype=np.uint8)
 
 
 def _skip_reason(e: BaseException) -> str:

@@ -1,4 +1,6 @@
-"""FFCV loaders for pre-training, fine-tuning and evaluation (ffcv-imagenet ``create_*_loader``).
+"""FFCV loaders for pre-training, fine-tuning and evaluation (ffcv-imagenet ``create_*_loader``): the implementation
+behind :mod:`fastmim_ds.data`'s seam (:class:`FFCVLoader` is its :class:`~fastmim_ds.data.Loader`); the rest of the
+package reaches it only through that seam.
 
 JPEGs are decoded, cropped and resized in one fused step (libjpeg-turbo + ``cv::resize(INTER_AREA)``) straight to
 the training resolution, in numba threads. Pipelines:
@@ -53,6 +55,8 @@ from ffcv.pipeline.compiler import Compiler  # noqa: E402
 from ffcv.reader import Reader  # noqa: E402
 from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage  # noqa: E402
 
+from . import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+
 torch.set_num_threads(_torch_threads)
 
 logger = logging.getLogger(__name__)
@@ -62,8 +66,6 @@ __all__ = [
     "build_train_loader", "build_val_loader", "dataset_size", "dataset_labels", "labeled_subset",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _check_beton(path: str) -> Path:

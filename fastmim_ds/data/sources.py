@@ -13,8 +13,8 @@ Layouts (:func:`detect_source` tries them in this order and says which one it fo
   ``{bytes, path}``, or plain binary) and a label column; class names from the ``ClassLabel`` feature. Read with
   pyarrow from the files on disk: no network, no cache folder.
 * ``imagenet-tars``: the official ``ILSVRC2012_img_train.tar`` (one tar per class inside), ``ILSVRC2012_img_val.tar``
-  and ``ILSVRC2012_devkit_t12.tar.gz``, parsed with torchvision's ``parse_devkit_archive`` (``meta.mat`` and
-  ``ILSVRC2012_validation_ground_truth.txt``).
+  and ``ILSVRC2012_devkit_t12.tar.gz`` (``meta.mat`` and ``ILSVRC2012_validation_ground_truth.txt``, read as
+  torchvision's ``parse_devkit_archive`` reads them: :func:`parse_devkit`).
 * ``imagenet-kaggle``: ``ILSVRC/Data/CLS-LOC/{train/<wnid>/,val/}`` with ``LOC_val_solution.csv`` (and
   ``LOC_synset_mapping.txt`` for the names).
 * ``imagefolder``: ``train/<class>/`` and ``val/<class>/``.
@@ -33,7 +33,6 @@ import logging
 import os
 import re
 import tarfile
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -290,25 +289,46 @@ def kaggle_source(root: str | Path) -> Source:
                            names_file=names if names.is_file() else None, layout="imagenet-kaggle")
 
 
-def parse_devkit(devkit: str | Path) -> tuple[dict[str, tuple[str, ...]], list[str]]:
-    """``(wnid -> class names, val wnids in file order)`` from ``ILSVRC2012_devkit_t12.tar.gz``, by torchvision's
-    ``parse_devkit_archive`` (``meta.mat`` leaf synsets, ``ILSVRC2012_validation_ground_truth.txt``) run in a
-    temporary folder. An archive whose MD5 differs from the official one is parsed too, with a warning."""
-    from unittest import mock
+DEVKIT_MD5 = "fa75699e90414af021442c21a62c3abf"  # the official devkit archive (torchvision ARCHIVE_META)
 
-    from torchvision.datasets import imagenet
-    from torchvision.datasets.utils import check_integrity
+
+def parse_devkit(devkit: str | Path) -> tuple[dict[str, tuple[str, ...]], list[str]]:
+    """``(wnid -> class names, val wnids in file order)`` from ``ILSVRC2012_devkit_t12.tar.gz``, read as torchvision's
+    ``parse_devkit_archive`` reads it (``data/meta.mat``: the leaf synsets, those with no children, give ID -> wnid and
+    the comma-separated names; ``data/ILSVRC2012_validation_ground_truth.txt``: one synset ID per val image), straight
+    from the archive (no extraction, no torchvision import). An archive whose MD5 differs from the official one is
+    parsed too, with a warning.
+
+    Raises:
+        ValueError: the archive lacks one of the two files, or a ground-truth ID names no leaf synset.
+        tarfile.TarError, OSError: not a readable tar.gz.
+    """
+    import hashlib
+
+    from scipy.io import loadmat
 
     devkit = Path(devkit)
-    file, md5 = imagenet.ARCHIVE_META["devkit"]
-    if not check_integrity(str(devkit), md5):
+    data = devkit.read_bytes()
+    if hashlib.md5(data).hexdigest() != DEVKIT_MD5:
         logger.warning("%s: MD5 differs from the official devkit's; parsing it anyway", devkit)
-    with tempfile.TemporaryDirectory() as tmp:
-        os.symlink(devkit.resolve(), os.path.join(tmp, file))
-        with mock.patch.object(imagenet, "_verify_archive", lambda *a, **k: None):  # checked above
-            imagenet.parse_devkit_archive(tmp, file)
-        wnid_to_classes, val_wnids = imagenet.load_meta_file(tmp)
-    return wnid_to_classes, val_wnids
+    wanted = {"data/meta.mat": None, "data/ILSVRC2012_validation_ground_truth.txt": None}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tf:
+        for m in tf:
+            for suffix in wanted:
+                if m.isfile() and m.name.endswith(suffix):
+                    wanted[suffix] = tf.extractfile(m).read()
+    missing = [k for k, v in wanted.items() if v is None]
+    if missing:
+        raise ValueError(f"{devkit}: not an ILSVRC2012 devkit, it has no {' / '.join(missing)}")
+    synsets = loadmat(io.BytesIO(wanted["data/meta.mat"]), squeeze_me=True)["synsets"]
+    leaves = [s for s in synsets if s["num_children"] == 0]
+    id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in leaves}
+    wnid_to_classes = {str(s["WNID"]): tuple(str(s["words"]).split(", ")) for s in leaves}
+    ids = [int(line) for line in wanted["data/ILSVRC2012_validation_ground_truth.txt"].decode().split()]
+    unknown = sorted(set(ids) - set(id_to_wnid))
+    if unknown:
+        raise ValueError(f"{devkit}: val ground truth names synset IDs that are no leaf class: {unknown[:5]}")
+    return wnid_to_classes, [id_to_wnid[i] for i in ids]
 
 
 def _tar_images(tar_path: str, tf: tarfile.TarFile, base: int, prefix: str) -> list[tuple[str, TarMember]]:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import REPO
 
+from fastmim_ds.checks import check_dataset, check_labeled
 from fastmim_ds.config import ConfigError, DataCfg
 from fastmim_ds.data import (
     IMAGENET_MEAN,
@@ -24,7 +25,6 @@ from fastmim_ds.data import (
     train_loader,
     val_loader,
 )
-from fastmim_ds.validate import check_dataset, check_labeled
 
 pytestmark = pytest.mark.timeout(300)
 

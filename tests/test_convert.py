@@ -224,8 +224,8 @@ def test_verification_failure_raises_and_keeps_the_final_name(imagenette_subset,
         verify_beton(cut, labels, num_classes=2)
 
     # a writer that stores a wrong label: the re-run fails verification, the previous beton stays as it was
-    original = convert._DecodeOnceDataset.__getitem__
-    monkeypatch.setattr(convert._DecodeOnceDataset, "__getitem__", lambda self, i: (original(self, i)[0], 0))
+    original = convert.DecodeOnceDataset.__getitem__
+    monkeypatch.setattr(convert.DecodeOnceDataset, "__getitem__", lambda self, i: (original(self, i)[0], 0))
     with pytest.raises(ConversionError, match=f"{CLASSES[1]}: 0 written, 2 intended"):
         convert_image_folder(src.parent, out, splits=("train",), max_res=32, num_workers=2, progress=False)
     assert (out / "train.beton").read_bytes() == good and not list(out.glob("*.partial"))

@@ -19,7 +19,7 @@ from fastmim_ds.checks import check_finetune
 from fastmim_ds.cli import main as cli_main
 from fastmim_ds.config import ConfigError, FinetuneCfg, LinprobeCfg, load_config
 from fastmim_ds.data.convert import convert_source
-from fastmim_ds.data.sources import _draw_val, detect_source
+from fastmim_ds.data.sources import detect_source, draw_val_split
 
 WNIDS = ["n01440764", "n02102040", "n02979186"]
 NAMES = {"n01440764": "tench, Tinca tinca", "n02102040": "English springer, English springer spaniel",
@@ -63,9 +63,9 @@ def _tar_bytes(files: dict[str, bytes]) -> bytes:
 
 # ------------------------------------------------------------------ unlabeled
 def test_val_draw_is_seeded():
-    a, b, c = _draw_val(100, 0.1, 0), _draw_val(100, 0.1, 0), _draw_val(100, 0.1, 1)
+    a, b, c = draw_val_split(100, 0.1, 0), draw_val_split(100, 0.1, 0), draw_val_split(100, 0.1, 1)
     assert a.sum() == 10 and (a == b).all() and not (a == c).all()
-    assert _draw_val(5, 0.02, 0).sum() == 1 and _draw_val(1, 0.5, 0).sum() == 0
+    assert draw_val_split(5, 0.02, 0).sum() == 1 and draw_val_split(1, 0.5, 0).sum() == 0
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,8 @@ from tqdm import tqdm
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "IMG_EXTENSIONS", "ConversionError", "SplitReport", "UnusableImage", "check_split_classes", "class_folders",
+    "IMG_EXTENSIONS", "ConversionError", "DecodeOnceDataset", "SplitReport", "UnusableImage",
+    "check_split_classes", "class_folders",
     "UNLABELED", "convert_image_folder", "convert_samples", "convert_source", "convert_split", "load_rgb", "open_ref",
     "probe_image", "read_beton_image", "ref_name", "scan_image_folder",
     "verify_beton",
@@ -277,7 +278,7 @@ def _probe_or_reason(ref, max_res: int) -> tuple[int, int] | str:
         return _skip_reason(e)
 
 
-class _DecodeOnceDataset:
+class DecodeOnceDataset:
     """Indexed dataset for ``DatasetWriter``: ``(uint8 (H, W, 3) RGB, label)``, decoded in the writer processes.
 
     A decode failure must not raise: an exception in an FFCV writer process kills that process and the parent's
@@ -323,7 +324,7 @@ def _write_beton(
     try:
         writer = DatasetWriter(str(path), {"image": field, "label": IntField()}, page_size=_page_size(stored_sizes),
                                num_workers=workers)
-        writer.from_indexed_dataset(_DecodeOnceDataset(samples, max_res or None, failure_log), chunksize=100)
+        writer.from_indexed_dataset(DecodeOnceDataset(samples, max_res or None, failure_log), chunksize=100)
         lines = Path(failure_log).read_text().splitlines()
     finally:
         os.unlink(failure_log)

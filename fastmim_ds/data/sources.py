@@ -43,7 +43,8 @@ from .convert import IMG_EXTENSIONS, check_split_classes, class_folders, scan_im
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ArrowCell", "Source", "SourceSplit", "TarMember", "detect_source", "hf_source", "imagefolder_source",
+__all__ = ["ArrowCell", "draw_val_split", "Source", "SourceSplit", "TarMember", "detect_source",
+           "hf_source", "imagefolder_source",
            "imagenet_tar_source", "kaggle_source", "flat_val_source", "unlabeled_source", "SPLIT_ALIASES"]
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val"}
@@ -147,7 +148,7 @@ def _images_under(root: Path) -> list[str]:
     return sorted(found)
 
 
-def _draw_val(n: int, fraction: float, seed: int) -> np.ndarray:
+def draw_val_split(n: int, fraction: float, seed: int) -> np.ndarray:
     """Boolean mask of the ``round(n * fraction)`` (at least 1 when ``n`` >= 2) samples drawn as val, seeded."""
     if not 0 < fraction < 1:
         raise ValueError(f"--val-fraction must be in (0, 1), got {fraction}")
@@ -158,7 +159,7 @@ def _draw_val(n: int, fraction: float, seed: int) -> np.ndarray:
 
 
 def _split_off_val(samples: list, fraction: float, seed: int) -> tuple[list, list]:
-    mask = _draw_val(len(samples), fraction, seed)
+    mask = draw_val_split(len(samples), fraction, seed)
     return [s for s, m in zip(samples, mask) if not m], [s for s, m in zip(samples, mask) if m]
 
 

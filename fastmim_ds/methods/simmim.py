@@ -29,6 +29,7 @@ from ..config import MethodCfg, MIMModelCfg
 from ..losses import masked_l1
 from ..masking import BlockMaskGenerator, upsample_mask
 from ..models.adapters import EncoderAdapter, adapter_for
+from ..models.layers import stem_conv
 from ..targets import PixelTarget
 from . import BlockMaskedMethod
 
@@ -73,10 +74,10 @@ class SimMIM(BlockMaskedMethod):
                              f"(e.g. {self.stride} or {2 * self.stride})")
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"method.mask_ratio must be in (0, 1) for simmim, got {mask_ratio}")
-        proj = getattr(getattr(encoder, "patch_embed", None), "proj", None)
+        proj = stem_conv(encoder)
         if not isinstance(proj, nn.Conv2d):
-            raise ValueError(f"method simmim needs an encoder whose stem is patch_embed.proj (a conv), got "
-                             f"{type(encoder).__name__}")
+            raise ValueError(f"method simmim needs an encoder whose stem (timm pretrained_cfg first_conv) is a conv, "
+                             f"got {type(encoder).__name__}")
         self.mask_generator = BlockMaskGenerator(ratio=mask_ratio, block_size=block_size)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, proj.out_channels))  # replaces a patch embedding
         self.target = PixelTarget(normalize=norm_pix_loss)

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from timm.layers import build_sincos2d_pos_embed
 
-__all__ = ["init_xavier", "init_encoder_mae", "sincos_pos_embed"]
+__all__ = ["init_xavier", "init_encoder_mae", "sincos_pos_embed", "stem_conv"]
 
 
 def init_xavier(m: nn.Module) -> None:
@@ -20,14 +20,25 @@ def init_xavier(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
+def stem_conv(encoder: nn.Module) -> nn.Module | None:
+    """The encoder's first (patch-embedding) conv as timm's ``pretrained_cfg['first_conv']`` names it; None when the
+    model names none or the name does not resolve."""
+    name = (getattr(encoder, "pretrained_cfg", None) or {}).get("first_conv")
+    try:
+        return encoder.get_submodule(name) if name else None
+    except AttributeError:
+        return None
+
+
 def init_encoder_mae(encoder: nn.Module) -> None:
     """Re-initialises a timm encoder as MAE ``initialize_weights`` and FastMIM (docs/methods.md §1.3, 1.4).
 
-    Every Linear xavier_uniform, LayerNorms (1, 0); the patch-embedding conv (``patch_embed.proj``) xavier_uniform
-    on its weight viewed as a Linear; the class token, when there is one, normal(0.02) (timm uses 1e-6).
+    Every Linear xavier_uniform, LayerNorms (1, 0); the stem conv (the module timm's ``pretrained_cfg['first_conv']``
+    names, e.g. ``patch_embed.proj``) xavier_uniform on its weight viewed as a Linear; the class token, when there is
+    one, normal(0.02) (timm uses 1e-6).
     """
     encoder.apply(init_xavier)
-    pe = getattr(getattr(encoder, "patch_embed", None), "proj", None)
+    pe = stem_conv(encoder)
     if isinstance(pe, nn.Conv2d):
         nn.init.xavier_uniform_(pe.weight.view(pe.weight.shape[0], -1))
     if getattr(encoder, "cls_token", None) is not None:

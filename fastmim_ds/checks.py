@@ -19,6 +19,7 @@ from .config import (
     FinetuneCfg,
     PretrainCfg,
     Resolved,
+    SettingError,
     check_mapping,
     resolve,
     to_dict,
@@ -72,21 +73,6 @@ def check_common(data, optim, train, world_size: int, *, need_val: bool) -> Reso
         raise ConfigError(f"train.micro_batch: {train.micro_batch} x {train.grad_accum} accumulation x {world_size} "
                           f"ranks = {per_update} images per step, but {data.train} holds {n}; lower it")
     return derived
-
-
-def _model_key(e: Exception) -> str:
-    msg = str(e)
-    if "model.encoder_kwargs" in msg:
-        return "model.encoder_kwargs"
-    if "image size" in msg or "window" in msg:
-        return "data.img_size"
-    if "block size" in msg:
-        return "method.block_size"
-    if "mask ratio" in msg or "mask_ratio" in msg:
-        return "method.mask_ratio"
-    if "method" in msg:
-        return "method"
-    return "model"
 
 
 # keyword arguments that timm's builders take out of **kwargs before the model class sees them
@@ -221,13 +207,16 @@ def check_pretrain(cfg: PretrainCfg, world_size: int, *, check_files: bool = Tru
     try:
         with torch.device("meta"):
             model = create_mim_model(cfg.method, cfg.model, cfg.data.img_size)
+    except SettingError as e:  # the model or method names the key of the value that does not fit
+        raise ConfigError(str(e)) from None
     except (ValueError, TypeError, RuntimeError) as e:
-        raise ConfigError(f"{_model_key(e)}: {e}") from None
+        raise ConfigError(f"model: {e}") from None
     for s in cfg.stages():
         try:
             model.check_img_size(s.img_size)
         except ValueError as e:
-            raise ConfigError(f"progressive: stage from epoch {s.start_epoch}: {e}") from None
+            detail = e.message if isinstance(e, SettingError) else e  # the stage's size, not data.img_size
+            raise ConfigError(f"progressive: stage from epoch {s.start_epoch}: {detail}") from None
     _check_eval(cfg, check_files=check_files)
     first = cfg.stages()[0]
     train = dataclasses.replace(cfg.train, micro_batch=first.micro_batch, grad_accum=first.grad_accum)

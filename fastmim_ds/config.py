@@ -25,7 +25,7 @@ import yaml
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ConfigError", "DataCfg", "MethodCfg", "MIMModelCfg", "OptimCfg", "TrainCfg", "PretrainCfg",
+    "ConfigError", "SettingError", "DataCfg", "MethodCfg", "MIMModelCfg", "OptimCfg", "TrainCfg", "PretrainCfg",
     "Stage", "ClassifierCfg", "AugCfg", "FinetuneCfg", "Resolved", "load_config", "resolve", "to_dict", "dump_yaml",
     "VisCfg", "LinprobeOptimCfg", "LinprobeCfg", "PretrainEvalCfg", "check_mapping", "upgrade_pretrain_layout",
 ]
@@ -33,6 +33,21 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A configuration problem, reported as one line that names the key and the fix."""
+
+
+class SettingError(ValueError):
+    """A value that does not fit, raised where the value is used (a model, a method, an adapter) and carrying the
+    config key it comes from: the message reads ``key: message``, and the pre-launch checks report it as one
+    :class:`ConfigError` line.
+
+    Args:
+        key: dotted config key, e.g. ``data.img_size``, ``method.block_size``, ``model.encoder``.
+        message: what is wrong and what would fit.
+    """
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key, self.message = key, message
 
 
 @dataclass

@@ -427,6 +427,47 @@ def test_unknown_model_kwarg_is_rejected_before_launch(kind, overrides, message)
     assert str(ei.value) == message
 
 
+@pytest.mark.parametrize("overrides, message", [
+    # each value is reported under the key the raising model / method / adapter names (SettingError.key)
+    (["data.img_size=120"], "data.img_size: image size 120 is not divisible by the mask block size 16"),
+    (["model.encoder_kwargs={depth: 2, patch_size: 16}", "method.block_size=24"],
+     "method.block_size: mask block size 24 must be a multiple of the encoder stride 16 (e.g. 16 or 32)"),
+    (["method.name=mae", "method.mask_ratio=1.0"], "method.mask_ratio: must be in (0, 1) for mae, got 1.0"),
+    (["method.name=simmim", "model.encoder=swin_tiny_patch4_window7_224", "model.encoder_kwargs={depths: [1, 1, 1, 1]}",
+      "data.img_size=96", "method.block_size=32"],
+     "model.encoder_kwargs: Swin window 7 does not divide the stage grids [24, 12, 6, 3] at 96 px (windows that do: "
+     "1, 3); set model.encoder_kwargs.window_size"),
+    (["method.name=mae", "model.encoder=pvt_v2_b0"], "model.encoder: method mae needs a ViT encoder"),
+    (["model.encoder=resnet18"], "model.encoder: no MIM adapter for 'resnet18' (a ResNet)"),
+    (["model.encoder_kwargs={depth: 2}", "model.encoder_blocks=3"],
+     "model.encoder_blocks: must be in [1, 2] (the encoder has 2 blocks), got 3"),
+])
+def test_model_errors_are_reported_under_the_key_they_name(overrides, message):
+    from fastmim_ds.checks import check_pretrain
+
+    with pytest.raises(ConfigError) as ei:
+        check_pretrain(load_config(PretrainCfg, None, overrides), 1, check_files=False)
+    assert str(ei.value).startswith(message)
+
+
+def test_setting_error_carries_its_key_and_other_errors_are_model_errors(monkeypatch):
+    """The key comes from the raising code, never from the wording of its message."""
+    from fastmim_ds import methods
+    from fastmim_ds.checks import check_pretrain
+    from fastmim_ds.config import SettingError
+
+    err = SettingError("method.decoder_depth", "the window of this image size mask ratio")
+    assert isinstance(err, ValueError) and err.key == "method.decoder_depth"
+    for raised, expected in ((err, "method.decoder_depth: the window of this image size mask ratio"),
+                             (ValueError("image size window"), "model: image size window")):
+        def build(*_, **__):
+            raise raised
+        monkeypatch.setattr(methods, "create_mim_model", build)
+        with pytest.raises(ConfigError) as ei:
+            check_pretrain(load_config(PretrainCfg, None, []), 1, check_files=False)
+        assert str(ei.value) == expected
+
+
 def test_known_model_kwargs_pass_the_signature_check():
     from fastmim_ds.checks import check_model_kwargs
 

@@ -15,7 +15,7 @@ from fastmim_ds.optim import build_scheduler
 
 pytestmark = [pytest.mark.usefixtures("one_rank_group"), pytest.mark.timeout(300)]
 
-DELAY = 0.05  # s the slow loader sleeps before each batch
+DELAY = 0.1  # s the slow loader sleeps before each batch
 
 
 class SlowBatches:
@@ -69,12 +69,14 @@ def _run(tmp_path, delay: float) -> tuple[dict, list[dict]]:
 
 def test_loader_wait_measured_in_stats_and_metrics(tmp_path):
     stats, rows = _run(tmp_path, DELAY)
-    # 6 batches, each 50 ms late: the loop waited at least 0.3 s, most of the epoch (each step takes ~10 ms)
+    # 6 batches, each 100 ms late: the loop waited at least 0.6 s, the larger part of the epoch (a step computes for
+    # ~10 ms; the bound leaves room for a loaded machine, where DeepSpeed's step overhead grows)
     assert stats["data_wait_s"] >= 6 * DELAY * 0.95
     assert stats["data_wait_s"] <= stats["seconds"]
-    assert 0.5 < stats["data_wait_frac"] <= 1.0
+    assert stats["data_wait_frac"] == pytest.approx(stats["data_wait_s"] / stats["seconds"], rel=1e-6)
+    assert 0.3 < stats["data_wait_frac"] <= 1.0
     steps = [r for r in rows if "step" in r]
-    assert len(steps) == 3 and all(0.5 < r["data_wait_frac"] <= 1.0 for r in steps)
+    assert len(steps) == 3 and all(0.3 < r["data_wait_frac"] <= 1.0 for r in steps)
     epoch_rows = [r for r in rows if "epoch_end" in r]
     assert epoch_rows and epoch_rows[0]["data_wait_s"] == pytest.approx(stats["data_wait_s"])
     assert epoch_rows[0]["data_wait_frac"] == pytest.approx(stats["data_wait_frac"])

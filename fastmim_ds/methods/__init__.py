@@ -41,7 +41,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from ..config import ConfigError, MethodCfg, MIMModelCfg, PretrainCfg, load_config
+from ..config import ConfigError, MethodCfg, MIMModelCfg, PretrainCfg, SettingError, load_config
 from ..masking import BlockMaskGenerator, upsample_mask
 from ..models import set_grad_checkpointing
 from ..models.adapters import EncoderAdapter
@@ -146,7 +146,8 @@ class BlockMaskedMethod(MIMMethod):
     def check_img_size(self, img_size: int) -> None:
         """Raises ValueError when ``img_size`` does not fit the mask grid, the encoder or the target."""
         if img_size % self.mask_generator.block_size:
-            raise ValueError(
+            raise SettingError(
+                "data.img_size",
                 f"image size {img_size} is not divisible by the mask block size {self.mask_generator.block_size}"
             )
         super().check_img_size(img_size)

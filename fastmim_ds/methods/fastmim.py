@@ -23,7 +23,7 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
-from ..config import MethodCfg, MIMModelCfg
+from ..config import MethodCfg, MIMModelCfg, SettingError
 from ..losses import masked_mse
 from ..masking import BlockMaskGenerator, upsample_mask
 from ..models.adapters import EncoderAdapter, adapter_for
@@ -128,7 +128,8 @@ class FastMIM(BlockMaskedMethod):
         self.adapter = adapter
         self.stride = adapter.stride(encoder)
         if block_size % self.stride:
-            raise ValueError(
+            raise SettingError(
+                "method.block_size",
                 f"mask block size {block_size} must be a multiple of the encoder stride {self.stride} "
                 f"(e.g. {self.stride} or {2 * self.stride})"
             )

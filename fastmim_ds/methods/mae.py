@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from timm.models import checkpoint_seq
 
-from ..config import MethodCfg, MIMModelCfg
+from ..config import MethodCfg, MIMModelCfg, SettingError
 from ..losses import masked_mse
 from ..masking import BlockMaskGenerator
 from ..models.adapters import EncoderAdapter, ViTAdapter, adapter_for
@@ -74,10 +74,10 @@ class MAE(BlockMaskedMethod):
         super().__init__()
         if (not isinstance(adapter, ViTAdapter) or encoder.cls_token is None or encoder.num_prefix_tokens != 1
                 or encoder.no_embed_class or encoder.pos_embed is None):
-            raise ValueError(f"method mae needs a ViT with one class token and a position table (a timm "
-                             f"vit_* model with class_token=True, reg_tokens=0), got {type(encoder).__name__}")
+            raise SettingError("model.encoder", f"method mae needs a ViT with one class token and a position table "
+                               f"(a timm vit_* model, class_token=True, reg_tokens=0), got {type(encoder).__name__}")
         if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"method.mask_ratio must be in (0, 1) for mae, got {mask_ratio}")
+            raise SettingError("method.mask_ratio", f"must be in (0, 1) for mae, got {mask_ratio}")
         self.encoder = encoder
         self.adapter = adapter
         self.stride = adapter.stride(encoder)  # one token per patch
@@ -106,8 +106,8 @@ class MAE(BlockMaskedMethod):
         """
         adapter = adapter_for(model.encoder)
         if not isinstance(adapter, ViTAdapter):
-            raise ValueError(f"method mae needs a ViT encoder (a timm vit_* model), got '{model.encoder}' "
-                             f"({adapter.family})")
+            raise SettingError("model.encoder", f"method mae needs a ViT encoder (a timm vit_* model), got "
+                               f"'{model.encoder}' ({adapter.family})")
         encoder = adapter.create(model.encoder, img_size=img_size, drop_path=model.drop_path, **model.encoder_kwargs)
         if model.encoder_blocks:
             adapter.truncate(encoder, model.encoder_blocks)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from timm.layers import to_2tuple, trunc_normal_
 
-from ..config import ConfigError, MethodCfg, MIMModelCfg, PretrainCfg
+from ..config import ConfigError, MethodCfg, MIMModelCfg, PretrainCfg, SettingError
 from ..losses import masked_mse
 from ..models.adapters import adapter_for
 from ..models.layers import init_xavier, sincos_pos_embed
@@ -138,7 +138,8 @@ class MixMIM(MIMMethod):
         self.grid = encoder.out_grid
         n = self.grid[0] * self.grid[1]
         if not 0 < int(n * mask_ratio) < n:
-            raise ValueError(
+            raise SettingError(
+                "method.mask_ratio",
                 f"mask ratio {mask_ratio} mixes {int(n * mask_ratio)} of {n} tokens on the {self.grid} last-stage "
                 "grid; MixMIM needs at least one token of each image"
             )
@@ -170,7 +171,8 @@ class MixMIM(MIMMethod):
         except ValueError:
             adapter = None
         if not isinstance(adapter, MixMIMAdapter):
-            raise ValueError(
+            raise SettingError(
+                "model.encoder",
                 f"method mixmim needs a MixMIM encoder, got '{model.encoder}' "
                 f"(choices: {', '.join(timm.list_models('mixmim_*'))})"
             )

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
-from ..config import MethodCfg, MIMModelCfg
+from ..config import MethodCfg, MIMModelCfg, SettingError
 from ..losses import masked_l1
 from ..masking import BlockMaskGenerator, upsample_mask
 from ..models.adapters import EncoderAdapter, adapter_for
@@ -70,14 +70,14 @@ class SimMIM(BlockMaskedMethod):
         self.adapter = adapter
         self.stride = adapter.stride(encoder)
         if block_size % self.stride:
-            raise ValueError(f"mask block size {block_size} must be a multiple of the encoder stride {self.stride} "
-                             f"(e.g. {self.stride} or {2 * self.stride})")
+            raise SettingError("method.block_size", f"mask block size {block_size} must be a multiple of the "
+                               f"encoder stride {self.stride} (e.g. {self.stride} or {2 * self.stride})")
         if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"method.mask_ratio must be in (0, 1) for simmim, got {mask_ratio}")
+            raise SettingError("method.mask_ratio", f"must be in (0, 1) for simmim, got {mask_ratio}")
         proj = stem_conv(encoder)
         if not isinstance(proj, nn.Conv2d):
-            raise ValueError(f"method simmim needs an encoder whose stem (timm pretrained_cfg first_conv) is a conv, "
-                             f"got {type(encoder).__name__}")
+            raise SettingError("model.encoder", f"method simmim needs an encoder whose stem (timm pretrained_cfg "
+                               f"first_conv) is a conv, got {type(encoder).__name__}")
         self.mask_generator = BlockMaskGenerator(ratio=mask_ratio, block_size=block_size)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, proj.out_channels))  # replaces a patch embedding
         self.target = PixelTarget(normalize=norm_pix_loss)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from ..config import SettingError
 from .adapters import ADAPTERS, adapter_for, register_adapter
 from .mixmim import MixMIMTransformer  # registers the mixmim_* models in timm and their adapter
 
@@ -15,9 +16,9 @@ def set_grad_checkpointing(module: nn.Module, enable: bool = True) -> None:
     """Activation checkpointing of a timm backbone's blocks (ViT, Swin, PVTv2, MixMIM): timm's own switch.
 
     Raises:
-        ValueError: the model has no ``set_grad_checkpointing``.
+        SettingError: (key ``model.grad_checkpointing``) the model has no ``set_grad_checkpointing``.
     """
     if not hasattr(module, "set_grad_checkpointing"):
-        raise ValueError(f"{type(module).__name__} has no set_grad_checkpointing: model.grad_checkpointing is not "
-                         "supported for it")
+        raise SettingError("model.grad_checkpointing", f"{type(module).__name__} has no set_grad_checkpointing: "
+                           "activation checkpointing is not supported for it")
     module.set_grad_checkpointing(enable)

@@ -35,6 +35,8 @@ from timm.models import pvt_v2 as timm_pvt_v2
 from timm.models import swin_transformer as timm_swin
 from timm.models.vision_transformer import VisionTransformer
 
+from ..config import SettingError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -124,8 +126,8 @@ def truncate_blocks(block_lists: Sequence[tuple[str, nn.Module]], num_blocks: in
     """
     total = sum(len(blocks) for _, blocks in block_lists)
     if not 1 <= num_blocks <= total:
-        raise ValueError(f"model.encoder_blocks must be in [1, {total}] (the encoder has {total} blocks), "
-                         f"got {num_blocks}")
+        raise SettingError("model.encoder_blocks", f"must be in [1, {total}] (the encoder has {total} blocks), "
+                           f"got {num_blocks}")
     removed, seen = [], 0
     for prefix, blocks in block_lists:
         keep = min(len(blocks), max(0, num_blocks - seen))
@@ -221,7 +223,7 @@ class ViTAdapter(_TimmAdapter):
     def check_img_size(self, encoder: nn.Module, img_size: int) -> None:
         p = self.stride(encoder)
         if img_size % p:
-            raise ValueError(f"image size {img_size} is not divisible by the ViT patch size {p}")
+            raise SettingError("data.img_size", f"image size {img_size} is not divisible by the ViT patch size {p}")
 
     def set_img_size(self, encoder: nn.Module, img_size: int) -> None:
         self.check_img_size(encoder, img_size)
@@ -338,8 +340,8 @@ class _HierarchicalAdapter(_TimmAdapter):
     def check_img_size(self, encoder: nn.Module, img_size: int) -> None:
         s = self.stride(encoder)
         if img_size < s or img_size % s:
-            raise ValueError(
-                f"image size {img_size} is not divisible by the {self.family} output stride {s} px "
+            raise SettingError(
+                "data.img_size", f"image size {img_size} is not divisible by the {self.family} output stride {s} px "
                 f"(sizes that work: {sizes_that_work(lambda n: True, s, max(2 * img_size, 8 * s))})"
             )
 
@@ -466,12 +468,12 @@ class SwinAdapter(_HierarchicalAdapter):
         super().check_img_size(encoder, img_size)
         _, problem = self._windows_at(encoder, encoder.patch_embed.img_size[0])
         if problem:  # the configured window itself does not tile the grids: no image size helps
-            raise ValueError(f"{problem}; set model.encoder_kwargs.window_size")
+            raise SettingError("model.encoder_kwargs", f"{problem}; set model.encoder_kwargs.window_size")
         _, problem = self._windows_at(encoder, img_size)
         if problem:
             stride = self.stride(encoder)
             ok = sizes_that_work(lambda s: not self._windows_at(encoder, s)[1], stride, max(2 * img_size, 8 * stride))
-            raise ValueError(f"{problem}; image sizes that work: {ok}")
+            raise SettingError("data.img_size", f"{problem}; image sizes that work: {ok}")
 
     def set_img_size(self, encoder: nn.Module, img_size: int) -> None:
         self.check_img_size(encoder, img_size)
@@ -511,7 +513,7 @@ class SwinAdapter(_HierarchicalAdapter):
     def _check_classifier(self, model: nn.Module, img_size: int) -> None:
         _, problem = self._windows_at(model, img_size)
         if problem:
-            raise ValueError(f"{problem}; set model.kwargs.window_size (7 at 224 px, as in "
+            raise SettingError("model.kwargs", f"{problem}; set model.kwargs.window_size (7 at 224 px, as in "
                              f"swin_base_patch4_window7_224)")
 
     def adapt_state_dict(self, state: dict[str, torch.Tensor], classifier: nn.Module) -> dict[str, torch.Tensor]:
@@ -564,7 +566,7 @@ def model_class(name: str) -> type:
         ValueError: ``name`` is not a timm model.
     """
     if not timm.is_model(name):
-        raise ValueError(f"'{name}' is not a timm model (see timm.list_models())")
+        raise SettingError("model.encoder", f"'{name}' is not a timm model (see timm.list_models())")
     with torch.device("meta"):
         return type(timm.create_model(name, pretrained=False))
 
@@ -580,5 +582,5 @@ def adapter_for(model: str | nn.Module) -> EncoderAdapter:
         if base in ADAPTERS:
             return ADAPTERS[base]
     what = f"'{model}' (a {cls.__name__})" if isinstance(model, str) else cls.__name__
-    raise ValueError(f"no MIM adapter for {what}; supported model classes: "
+    raise SettingError("model.encoder", f"no MIM adapter for {what}; supported model classes: "
                      f"{', '.join(c.__name__ for c in ADAPTERS)} and their subclasses")

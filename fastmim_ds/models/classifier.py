@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
-from ..config import ClassifierCfg
+from ..config import ClassifierCfg, SettingError
 from ..weights import classifier_arch, load_pretrained_encoder
 from .adapters import adapter_for
 
@@ -58,7 +58,7 @@ def create_classifier(cfg: ClassifierCfg, *, num_classes: int, img_size: int) ->
         state, report.pretrain_config = load_pretrained_encoder(cfg.pretrained)
     name, kwargs = classifier_arch({"name": cfg.name, "kwargs": cfg.kwargs}, report.pretrain_config)
     if not name:
-        raise ValueError("model.name is empty and the pre-trained checkpoint names no encoder")
+        raise SettingError("model.name", "empty, and the pre-trained checkpoint names no encoder")
     adapter = adapter_for(name)
     model = adapter.create_classifier(
         name, img_size=img_size, num_classes=num_classes, drop_path=cfg.drop_path, global_pool=cfg.global_pool,
@@ -72,7 +72,7 @@ def create_classifier(cfg: ClassifierCfg, *, num_classes: int, img_size: int) ->
         shape_err = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
                      if k in own and own[k].shape != v.shape]
         if shape_err:
-            raise ValueError(f"pre-trained weights do not fit {name}: {'; '.join(shape_err[:3])}")
+            raise SettingError("model.pretrained", f"pre-trained weights do not fit {name}: {'; '.join(shape_err[:3])}")
         result = model.load_state_dict(state, strict=False)
         report.missing = [k for k in result.missing_keys if k not in head]
         report.unexpected = list(result.unexpected_keys)

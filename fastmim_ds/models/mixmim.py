@@ -45,6 +45,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.swin_transformer import PatchMerging, window_partition, window_reverse
 from torch.utils.checkpoint import checkpoint
 
+from ..config import SettingError
 from .adapters import register_adapter, truncate_blocks
 from .layers import init_xavier, sincos_pos_embed
 
@@ -90,7 +91,8 @@ def stage_windows(
     if wins is None:
         fits = [s for s in range(stride, 4 * max(h, w) + stride, stride) if effective(s, s) is not None]
         near = sorted(fits, key=lambda s: (abs(s - max(h, w)), s))[:4]
-        raise ValueError(
+        raise SettingError(
+            "data.img_size",
             f"image size {h}x{w} does not fit MixMIM with patch {patch_size} and windows {tuple(window_size)}: "
             f"sides must be multiples of the output stride {stride} and every stage grid divisible by its window "
             f"(square sizes that fit: {', '.join(map(str, sorted(near))) or 'none'}; or change window_size)"
@@ -408,7 +410,8 @@ class MixMIMTransformer(nn.Module):
         """Raises ValueError unless ``img_size`` is the size this model was built for (and one its windows tile)."""
         stage_windows(img_size, patch_size=self.patch_size, window_size=self.windows)
         if to_2tuple(img_size) != self.img_size:
-            raise ValueError(
+            raise SettingError(
+                "data.img_size",
                 f"image size {img_size} differs from the size this MixMIM model was built for {self.img_size} "
                 "(create it with img_size=...)"
             )

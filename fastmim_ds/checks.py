@@ -242,11 +242,13 @@ ARCH_KEYS = ("method", "model")
 RESUME_FREE = {"drop_path", "pretrained", "grad_checkpointing"}
 
 
-def check_resume_compatible(cfg, saved: dict, tag_dir: Path, *, world_size: int | None = None) -> None:
+def check_resume_compatible(cfg, saved: dict, tag_dir: Path, *, world_size: int | None = None,
+                            zero_stage: int | None = None) -> None:
     """Refuses to resume ``tag_dir`` (trained with config ``saved``) under a config with another model, or (with
     ``world_size``) on another number of ranks than the checkpoint's (its ``complete`` marker's ``world_size``) when
-    the two cannot meet: one of the checkpoint and ``train.ds_config`` is ZeRO-0 and the other partitions (stage
-    1-3). Other world sizes are fine: :func:`~fastmim_ds.checkpoint.load` re-partitions (universal checkpoint).
+    the two cannot meet: one of the checkpoint and the run (``zero_stage``, default ``train.ds_config``'s) is ZeRO-0
+    and the other partitions (stage 1-3). Other world sizes are fine: :func:`~fastmim_ds.checkpoint.load`
+    re-partitions (universal checkpoint).
 
     Raises:
         ConfigError: names the first differing key, both values and the fix; or the two world sizes, the ZeRO
@@ -256,11 +258,12 @@ def check_resume_compatible(cfg, saved: dict, tag_dir: Path, *, world_size: int 
 
     written = written_world_size(tag_dir)
     if world_size is not None and written is not None and written != world_size:
-        stage = load_ds_config(cfg.train.ds_config).get("zero_optimization", {}).get("stage", 0)
-        if zero_partitioned(tag_dir) != (stage > 0):
+        if zero_stage is None:
+            zero_stage = load_ds_config(cfg.train.ds_config).get("zero_optimization", {}).get("stage", 0)
+        if zero_partitioned(tag_dir) != (zero_stage > 0):
             raise ConfigError(f"train.ds_config: {tag_dir} was written by {written} ranks with ZeRO stage "
                               f"{'1-3' if zero_partitioned(tag_dir) else 0}, this run has {world_size} ranks and "
-                              f"stage {stage} ({cfg.train.ds_config}): resume with the checkpoint's ZeRO stage "
+                              f"stage {zero_stage} ({cfg.train.ds_config}): resume with the checkpoint's ZeRO stage "
                               f"(0 or 1-3), or on {written} ranks")
     now = to_dict(cfg)
     if isinstance(cfg, PretrainCfg):

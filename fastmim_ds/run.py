@@ -64,7 +64,8 @@ class Run:
         return client
 
 
-def start_run(cfg, *, check: Callable[[object, int], Resolved], default_name: str, resume: str | None) -> Run:
+def start_run(cfg, *, check: Callable[[object, int], Resolved], default_name: str, resume: str | None,
+              zero_stage: int | None = None) -> Run:
     """Starts a run of ``cfg`` on this rank (collective: every rank calls it).
 
     Args:
@@ -73,6 +74,8 @@ def start_run(cfg, *, check: Callable[[object, int], Resolved], default_name: st
         check: ``check(cfg, world_size) -> Resolved``, the task's pre-launch checks.
         default_name: the run folder's name when ``train.run_name`` is empty (a timestamp is prepended).
         resume: ``--resume`` (a run folder, a tag or ``auto``), or None.
+        zero_stage: the ZeRO stage the task's engine will run (None: ``train.ds_config``'s); a checkpoint of
+            another world size must agree on ZeRO-0 vs 1-3.
 
     Raises:
         ConfigError: from ``check``, or a checkpoint to resume that another config wrote.
@@ -83,7 +86,8 @@ def start_run(cfg, *, check: Callable[[object, int], Resolved], default_name: st
     found = find_resume(run_dir / CKPT_SUBDIR, resume)
     if found:
         tag = found[0] / found[1]
-        check_resume_compatible(cfg, read_client_state(tag).get("config", {}), tag, world_size=dist.world_size)
+        check_resume_compatible(cfg, read_client_state(tag).get("config", {}), tag, world_size=dist.world_size,
+                                zero_stage=zero_stage)
     if dist.is_main:
         (run_dir / CKPT_SUBDIR).mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg, derived))

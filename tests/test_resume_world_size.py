@@ -105,6 +105,7 @@ def test_other_world_size_passes_the_check_unless_zero0_meets_zero_1_to_3(tmp_pa
                                           r"run has 3 ranks and stage 2 \(.*\): resume with the checkpoint's ZeRO"):
         check_resume_compatible(cfg, {}, tag, world_size=3)
     check_resume_compatible(cfg, {}, tag, world_size=2)  # same world size: DeepSpeed's own load
+    check_resume_compatible(cfg, {}, tag, world_size=3, zero_stage=0)  # the run's engine is ZeRO-0 (linear probe)
 
 
 def test_loader_start_sample_yields_the_rest_of_the_permutation(small_beton):

@@ -34,13 +34,13 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
-from .runtime import seed_everything, stdout_to_log
+from .runtime import seed_everything
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "save", "find_resume", "load", "complete_tags", "read_client_state", "resolve_tag_dir",
-    "model_states_file", "written_world_size", "zero_partitioned", "convert_to_universal",
+    "model_states_file", "written_world_size", "zero_stage", "convert_to_universal",
     "universal_dir", "universal_command", "rng_seed_for", "CKPT_SUBDIR", "COMPLETE", "UNIVERSAL_SUFFIX",
 ]
 
@@ -193,7 +193,7 @@ def load(engine, ckpt_dir: Path, tag: str) -> dict:
     tag_dir = Path(ckpt_dir) / tag
     world = dist.get_world_size() if dist.is_initialized() else 1
     written = written_world_size(tag_dir) or world
-    sharded, stage = zero_partitioned(tag_dir), engine.zero_optimization_stage()
+    sharded, stage = zero_stage(tag_dir) > 0, engine.zero_optimization_stage()
     if written != world and sharded != (stage > 0):
         raise ValueError(f"{tag_dir} was written by {written} ranks with ZeRO stage {'1-3' if sharded else 0}, this "
                          f"run has {world} ranks with stage {stage}: resume with the checkpoint's stage, or on "
@@ -232,10 +232,17 @@ def written_world_size(tag_dir: Path) -> int | None:
     return json.loads(marker.read_text()).get("world_size") if marker.is_file() else None
 
 
-def zero_partitioned(tag_dir: Path) -> bool:
-    """Whether the tag holds ZeRO optimizer shards (stage 1-3, one ``*optim_states.pt`` per rank) rather than one
-    whole optimizer state inside the model-states file (stage 0)."""
-    return any(Path(tag_dir).glob("*optim_states.pt"))
+def zero_stage(tag_dir: Path) -> int:
+    """ZeRO stage (0-3) a DeepSpeed tag folder was written with (its stored ``ds_config``; 0 when absent).
+
+    Raises:
+        FileNotFoundError: ``tag_dir`` has no model-states file.
+    """
+    path = model_states_file(tag_dir)
+    if path is None:
+        raise FileNotFoundError(f"{tag_dir}: not a DeepSpeed checkpoint tag (no model states file)")
+    ds_config = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("ds_config") or {}
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
 def rng_seed_for(seed: int, global_step: int, rank: int) -> int:
@@ -330,7 +337,8 @@ def _restore_untrained(engine, universal: Path) -> None:
     if engine.zero_optimization_stage() == 3:
         return
     trained = {n for n, p in engine.module.named_parameters() if p.requires_grad}
-    saved = {k: v for k, v in read_module_state(universal).items() if k not in trained}
+    module = torch.load(model_states_file(universal), map_location="cpu", weights_only=False)["module"]
+    saved = {k: v for k, v in module.items() if k not in trained}
     if saved:
         engine.module.load_state_dict(saved, strict=False)
 

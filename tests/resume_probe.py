@@ -6,7 +6,7 @@ every trained parameter, the full fp32 master weight and Adam moments across the
 
     python -m torch.distributed.run --nproc_per_node N tests/resume_probe.py OUT CKPT_DIR TAG --set k=v ...
 
-:func:`loaded_state` does the same in a process that already has a process group.
+:func:`conftest.loaded_state` does the same in a process that already has a process group.
 """
 from __future__ import annotations
 
@@ -15,31 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
-
-
-def loaded_state(overrides: list[str], ckpt_dir: Path, tag: str) -> tuple[dict, dict]:
-    """({name: {"fp32", "exp_avg", "exp_avg_sq"} full tensors}, client state) after loading the tag on this group."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    from fastmim_ds.checkpoint import load
-    from fastmim_ds.config import PretrainCfg, load_config, resolve
-    from fastmim_ds.ds_engine import build_ds_config, create_engine
-    from fastmim_ds.models import create_mim_model
-    from fastmim_ds.optim import build_optimizer
-
-    world = torch.distributed.get_world_size()
-    cfg = load_config(PretrainCfg, None, overrides)
-    model = create_mim_model(cfg.method, cfg.model, cfg.mask, cfg.data.img_size)
-    optimizer = build_optimizer(model, cfg.optim, resolve(cfg.optim, cfg.train, world))
-    engine = create_engine(model, optimizer, build_ds_config(cfg.train, clip_grad=cfg.optim.clip_grad,
-                                                             world_size=world))
-    client = load(engine, ckpt_dir, tag)
-    state = {}
-    for name, p in engine.module.named_parameters():
-        if p.requires_grad:
-            state[name] = {"fp32": safe_get_full_fp32_param(p).clone(),
-                           **{k: safe_get_full_optimizer_state(p, k).clone() for k in ("exp_avg", "exp_avg_sq")}}
-    return state, client
+from conftest import loaded_state
 
 
 def main(argv: list[str]) -> None:

@@ -12,8 +12,7 @@ import torch
 from conftest import REPO
 
 from fastmim_ds.checkpoint import COMPLETE, load, read_client_state, rng_seed_for, save, universal_dir
-from fastmim_ds.checks import check_resume_compatible
-from fastmim_ds.config import ConfigError, PretrainCfg
+from fastmim_ds.config import ConfigError
 
 pytestmark = [pytest.mark.usefixtures("one_rank_group"), pytest.mark.timeout(300)]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-import json
 from pathlib import Path
 
 import torch
@@ -231,19 +230,31 @@ ARCH_KEYS = ("method", "model")
 RESUME_FREE = {"drop_path", "pretrained", "grad_checkpointing"}
 
 
-def check_resume_compatible(cfg, saved: dict, tag_dir: Path, *, world_size: int | None = None) -> None:
+def check_resume_compatible(cfg, saved: dict, tag_dir: Path, *, world_size: int | None = None,
+                            zero_stage: int | None = None) -> None:
     """Refuses to resume ``tag_dir`` (trained with config ``saved``) under a config with another model, or (with
-    ``world_size``) on another number of ranks than the checkpoint's (its ``complete`` marker's ``world_size``).
+    ``world_size``) on another number of ranks than the checkpoint's (its ``complete`` marker's ``world_size``) when
+    the two cannot meet: one of the checkpoint and the run (``zero_stage``, default ``train.ds_config``'s) is ZeRO-0
+    and the other partitions (stage 1-3). Other world sizes are fine: :func:`~fastmim_ds.checkpoint.load`
+    re-partitions (universal checkpoint).
 
     Raises:
-        ConfigError: names the first differing key, both values and the fix; or the two world sizes and what to do.
+        ConfigError: names the first differing key, both values and the fix; or the two world sizes, the ZeRO
+            stages and what to do.
     """
-    marker = Path(tag_dir) / "complete"
-    written = json.loads(marker.read_text()).get("world_size") if marker.is_file() else None
+    from .checkpoint import written_world_size
+    from .checkpoint import zero_stage as tag_zero_stage
+
+    written = written_world_size(tag_dir)
     if world_size is not None and written is not None and written != world_size:
-        raise ConfigError(f"{tag_dir} was written by {written} ranks, this run has {world_size}: resume on {written} "
-                          "ranks (ZeRO shards do not re-partition; resuming on another world size through DeepSpeed's "
-                          "universal checkpoint is not supported yet)")
+        if zero_stage is None:
+            zero_stage = load_ds_config(cfg.train.ds_config).get("zero_optimization", {}).get("stage", 0)
+        saved_stage = tag_zero_stage(tag_dir)
+        if (saved_stage > 0) != (zero_stage > 0):
+            raise ConfigError(f"train.ds_config: {tag_dir} was written by {written} ranks with ZeRO stage "
+                              f"{saved_stage}, this run has {world_size} ranks and "
+                              f"stage {zero_stage} ({cfg.train.ds_config}): resume with the checkpoint's ZeRO stage "
+                              f"(0 or 1-3), or on {written} ranks")
     now = to_dict(cfg)
     if isinstance(cfg, PretrainCfg):
         saved = upgrade_pretrain_layout(saved)[0]  # a checkpoint written before the method: section

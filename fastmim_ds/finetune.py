@@ -38,7 +38,8 @@ __all__ = ["ClassifierLoop", "FinetuneLoop", "start_classifier_run", "main"]
 ClassifierTaskCfg = FinetuneCfg | LinprobeCfg
 
 
-def start_classifier_run(cfg: ClassifierTaskCfg, *, task: str, check, resume: str | None) -> tuple[Run, str, int]:
+def start_classifier_run(cfg: ClassifierTaskCfg, *, task: str, check, resume: str | None,
+                         zero_stage: int | None = None) -> tuple[Run, str, int]:
     """:func:`~fastmim_ds.run.start_run` for a classifier task; returns (run, model name, number of classes).
 
     The run folder is ``<task>-<model name>-<img_size>``: ``model.name``, or the pre-trained encoder's
@@ -48,7 +49,8 @@ def start_classifier_run(cfg: ClassifierTaskCfg, *, task: str, check, resume: st
         ConfigError: from ``check`` or the resume check.
     """
     name = classifier_arch({"name": cfg.model.name}, pretrain_config_of(cfg.model.pretrained))[0]
-    run = start_run(cfg, check=check, default_name=f"{task}-{name}-{cfg.data.img_size}", resume=resume)
+    run = start_run(cfg, check=check, default_name=f"{task}-{name}-{cfg.data.img_size}", resume=resume,
+                    zero_stage=zero_stage)
     return run, name, cfg.model.num_classes or len(dataset_info(cfg.data.train).classes)
 
 

@@ -165,7 +165,8 @@ class LinprobeLoop(ClassifierLoop):
 
 def main(cfg: LinprobeCfg, *, resume: str | None = None) -> dict:
     """Trains and evaluates the probe; returns ``{"top1": last, "top5", "best_top1", "run_dir"}``."""
-    run, name, num_classes = start_classifier_run(cfg, task="linprobe", check=check_linprobe, resume=resume)
+    run, name, num_classes = start_classifier_run(cfg, task="linprobe", check=check_linprobe, resume=resume,
+                                                  zero_stage=0)  # probe_ds_config: always ZeRO-0
     dist, derived = run.dist, run.derived
     model, report = create_probe(cfg.model, num_classes=num_classes, img_size=cfg.data.img_size)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

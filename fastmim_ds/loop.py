@@ -4,9 +4,12 @@ The loop does not know which method it runs: ``step_fn(engine, images, labels)``
 with a scalar ``loss``. DeepSpeed handles gradient accumulation, clipping, ZeRO partitioning and precision; here
 live the fractional-epoch lr, skipped-step accounting, preemption, mid-epoch checkpoints and exact resume:
 
-* :class:`LoopState` (epoch, updates done in it, global step, skipped steps) is saved in every checkpoint; with
-  the loader's ``set_epoch(epoch, start_batch)`` and the per-rank RNG states restored by
+* :class:`LoopState` (epoch, updates and images done in it, global step, skipped steps) is saved in every
+  checkpoint; with the loader's ``set_epoch(epoch, start_batch)`` and the per-rank RNG states restored by
   :func:`~fastmim_ds.checkpoint.load`, a resumed run continues with the same batches, masks and lr.
+* Resumed with another number of images per update (another world size, micro batch or accumulation), the loop
+  continues at the epoch's global image offset (``LoopState.samples``; the loader's ``start_sample``), so the rest
+  of the epoch's permutation is read once; the lr schedule's position is that offset as a fraction of the epoch.
 * A non-finite loss or gradient: DeepSpeed's ZeRO optimizer (stages 1-3, fp32 and bf16) detects the inf/NaN
   gradient on every rank and skips the update (``engine.was_step_applied()``); we count skipped updates and stop
   with :class:`TrainingDiverged` after ``max_nonfinite`` in a row. ZeRO stage 0 applies NaN gradients, so there
@@ -54,13 +57,33 @@ class LoopState:
     global_step: int = 0  # optimizer steps done in the run (skipped ones included)
     skipped_in_row: int = 0  # consecutive skipped steps (non-finite loss/gradient)
     skipped_total: int = 0
+    # images of ``epoch`` consumed by all ranks together (its global sample offset); None: not recorded (a
+    # checkpoint from before this field), i.e. ``update`` x images per update
+    samples: int | None = 0
 
     def to_client(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_client(cls, client: dict) -> "LoopState":
-        return cls(**{f.name: client[f.name] for f in dataclasses.fields(cls) if f.name in client})
+        state = cls(**{f.name: client[f.name] for f in dataclasses.fields(cls) if f.name in client})
+        if "samples" not in client:
+            state.samples = None
+        return state
+
+    def align(self, per_update: int) -> bool:
+        """Re-expresses the position for ``per_update`` images per optimizer step (all ranks); returns whether that
+        differs from the checkpoint's split (resumed with another world size, micro batch or accumulation).
+
+        ``samples`` stays the truth; ``update`` becomes the whole updates of ``per_update`` images it holds (the rest,
+        less than one update, is still skipped by the loader's ``start_sample``).
+        """
+        if self.samples is None:
+            self.samples = self.update * per_update
+        if self.samples == self.update * per_update:
+            return False
+        self.update = self.samples // per_update
+        return True
 
 
 def train_one_epoch(
@@ -83,9 +106,10 @@ def train_one_epoch(
     Args:
         engine: DeepSpeed engine.
         loader: yields (images (B, 3, H, W), labels (B,)) on the engine's device, already positioned at
-            micro-batch ``state.update * grad_accum`` of the epoch.
+            image ``state.samples`` of the epoch (all ranks; micro-batch ``state.update * grad_accum`` when whole).
         step_fn: ``(engine, images, labels) -> {"loss": scalar, ...}``.
-        scheduler: timm scheduler in epochs; ``step(epoch + update / updates_per_epoch)`` precedes every update.
+        scheduler: timm scheduler in epochs; ``step(epoch + samples / (updates_per_epoch * images per update))``,
+            i.e. ``epoch + update / updates_per_epoch`` in an uninterrupted run, precedes every update.
         updates_per_epoch: optimizer steps in a full epoch (the loader may hold more batches: they are not read).
         log_every: optimizer steps between ``metrics.jsonl`` rows (loss averaged over ranks and the window).
         max_nonfinite: skipped updates in a row that stop the run.
@@ -104,6 +128,9 @@ def train_one_epoch(
     engine.train()
     accum = engine.gradient_accumulation_steps()
     world = engine.world_size if hasattr(engine, "world_size") else 1
+    per_update = engine.train_batch_size()  # images per optimizer step, all ranks
+    state.align(per_update)
+    epoch_images = updates_per_epoch * per_update
     device = engine.device
     check_before_backward = engine.zero_optimization_stage() == 0  # stage 0 would apply NaN gradients
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -124,7 +151,7 @@ def train_one_epoch(
         wait["epoch"] += t_wait
         wait["window"] += t_wait
         if micro % accum == 0:
-            scheduler.step(state.epoch + state.update / updates_per_epoch)
+            scheduler.step(state.epoch + state.samples / epoch_images)
         out = step_fn(engine, images, labels)
         loss = out["loss"]
         finite = torch.isfinite(loss.detach())
@@ -140,6 +167,7 @@ def train_one_epoch(
         if (micro + 1) % accum:
             continue
         state.update += 1
+        state.samples += per_update
         state.global_step += 1
         steps += 1
         lr = engine.get_lr()[0]
@@ -159,7 +187,7 @@ def train_one_epoch(
                 [loss_sum.item() - window["loss"], n_finite.item() - window["n"], wait["window"]], device)
             elapsed = time.time() - window["t"]
             row = dict(step=state.global_step, epoch=state.epoch,
-                       epoch_1000x=int((state.epoch + state.update / updates_per_epoch) * 1000), lr=lr,
+                       epoch_1000x=int((state.epoch + state.samples / epoch_images) * 1000), lr=lr,
                        loss=loss_total / n_total if n_total else math.nan,
                        img_per_s=window["imgs"] * world / max(elapsed, 1e-9), skipped_steps=state.skipped_total,
                        data_wait_frac=min(1.0, wait_total / world / max(elapsed, 1e-9)))
@@ -257,7 +285,16 @@ class Loop:
         state, train, stats = self.state, self.train, {}
         while state.epoch < epochs:
             loader, updates = self.begin_epoch(state.epoch)
-            loader.set_epoch(state.epoch, start_batch=state.update * self.engine.gradient_accumulation_steps())
+            if state.align(self.engine.train_batch_size()):
+                logger.info("continuing epoch %d at image %d of its permutation (%d images per step now)",
+                            state.epoch, state.samples, self.engine.train_batch_size())
+            # whole global micro batches: the loader protocol's start_batch; else (another world size) the image offset
+            micro = self.engine.train_batch_size() // self.engine.gradient_accumulation_steps()
+            start_batch, rest = divmod(state.samples, micro)
+            if rest:
+                loader.set_epoch(state.epoch, start_sample=state.samples)
+            else:
+                loader.set_epoch(state.epoch, start_batch=start_batch)
 
             def mid_epoch_checkpoint(st: LoopState) -> None:
                 if train.ckpt_every_steps and st.global_step % train.ckpt_every_steps == 0 and st.update < updates:
@@ -278,7 +315,7 @@ class Loop:
                                "auto", self.last_checkpoint, state.epoch, state.global_step)
                 return {**stats, "preempted": True}
             self.end_epoch(state.epoch, stats)
-            state.epoch, state.update = state.epoch + 1, 0
+            state.epoch, state.update, state.samples = state.epoch + 1, 0, 0
             steps_due = train.ckpt_every_steps and state.global_step % train.ckpt_every_steps == 0
             if state.epoch == epochs or state.epoch % train.ckpt_every == 0 or steps_due:
                 self.checkpoint()

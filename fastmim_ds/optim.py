@@ -42,13 +42,17 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimCfg, derived: 
     """Warmup + half-cosine in fractional epochs: call ``step(epoch + i / updates_per_epoch)`` before each update.
 
     Fractional epochs (MAE ``adjust_learning_rate``) keep the schedule right when an epoch's number of updates
-    changes between FastMIM-P stages. Warmup starts at exactly 0.
+    changes between FastMIM-P stages. Warmup starts at exactly 0. The peak is ``derived.lr`` (times each group's
+    ``lr_scale``), also when the optimizer's state came from a checkpoint of another effective batch (a resume on
+    another number of ranks): timm would otherwise take the loaded groups' ``initial_lr``, the old run's peak.
 
     Raises:
         ValueError: warmup not shorter than training.
     """
     if optim.warmup_epochs >= epochs:
         raise ValueError(f"optim.warmup_epochs={optim.warmup_epochs} is not shorter than train.epochs={epochs}")
+    for group in optimizer.param_groups:
+        group["initial_lr"] = derived.lr
     return CosineLRScheduler(
         optimizer, t_initial=epochs - optim.warmup_epochs, lr_min=derived.min_lr, warmup_t=optim.warmup_epochs,
         warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=True,

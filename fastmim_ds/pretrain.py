@@ -7,6 +7,10 @@ FastMIM-P (``progressive`` in the config): at the first epoch of each stage the 
 size (rebuilt when its micro batch changes), the model adapts to the size (position embedding grid, Swin
 window), the engine's micro batch / accumulation change and the lr follows the stage's effective batch. A
 resumed run lands in the stage of its epoch.
+
+Resumed on another number of ranks, the checkpoint is re-partitioned (:func:`~fastmim_ds.checkpoint.load`), the
+epoch continues at its image offset, and the peak lr is that of the new effective batch (blr x batch / 256) at the
+same epoch fraction (one warning line says so).
 """
 from __future__ import annotations
 

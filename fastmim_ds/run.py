@@ -7,16 +7,19 @@ opens ``metrics.jsonl`` with DeepSpeed's monitors and the experiment trackers.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import CKPT_SUBDIR, find_resume, load, read_client_state
+from .checkpoint import CKPT_SUBDIR, find_resume, load, read_client_state, written_world_size
 from .checks import check_resume_compatible
 from .config import Resolved, dump_yaml, to_dict
 from .metrics import MetricsWriter
 from .runtime import Dist, init_distributed, make_run_dir, seed_everything, setup_logging
 from .trackers import build_trackers
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Run", "start_run", "open_metrics"]
 
@@ -41,11 +44,28 @@ class Run:
 
     def load(self, engine) -> dict:
         """Restores ``engine`` (weights, optimizer, lr schedule, this rank's RNG) from :attr:`resume_from`; returns
-        the checkpoint's client state ({} for a fresh start)."""
-        return load(engine, *self.resume_from) if self.resume_from else {}
+        the checkpoint's client state ({} for a fresh start).
+
+        A checkpoint of another number of ranks is re-partitioned (:func:`~fastmim_ds.checkpoint.load`), and one
+        warning says what that changes: the effective batch and with it the peak lr (blr x batch / 256); the lr
+        schedule keeps its position in epochs.
+        """
+        if not self.resume_from:
+            return {}
+        client = load(engine, *self.resume_from)
+        written = written_world_size(self.resume_tag)
+        if written and written != self.dist.world_size:
+            train = client.get("config", {}).get("train", {})
+            old = train.get("micro_batch", 0) * train.get("grad_accum", 1) * written
+            logger.warning("resumed with world size %d from a checkpoint of world size %d: effective batch %d -> %d "
+                           "images per step, peak lr %.3g (blr x %d / 256); the lr schedule continues at the same "
+                           "epoch fraction", self.dist.world_size, written, old, self.derived.eff_batch,
+                           self.derived.lr, self.derived.eff_batch)
+        return client
 
 
-def start_run(cfg, *, check: Callable[[object, int], Resolved], default_name: str, resume: str | None) -> Run:
+def start_run(cfg, *, check: Callable[[object, int], Resolved], default_name: str, resume: str | None,
+              zero_stage: int | None = None) -> Run:
     """Starts a run of ``cfg`` on this rank (collective: every rank calls it).
 
     Args:
@@ -54,6 +74,8 @@ def start_run(cfg, *, check: Callable[[object, int], Resolved], default_name: st
         check: ``check(cfg, world_size) -> Resolved``, the task's pre-launch checks.
         default_name: the run folder's name when ``train.run_name`` is empty (a timestamp is prepended).
         resume: ``--resume`` (a run folder, a tag or ``auto``), or None.
+        zero_stage: the ZeRO stage the task's engine will run (None: ``train.ds_config``'s); a checkpoint of
+            another world size must agree on ZeRO-0 vs 1-3.
 
     Raises:
         ConfigError: from ``check``, or a checkpoint to resume that another config wrote.
@@ -64,7 +86,8 @@ def start_run(cfg, *, check: Callable[[object, int], Resolved], default_name: st
     found = find_resume(run_dir / CKPT_SUBDIR, resume)
     if found:
         tag = found[0] / found[1]
-        check_resume_compatible(cfg, read_client_state(tag).get("config", {}), tag, world_size=dist.world_size)
+        check_resume_compatible(cfg, read_client_state(tag).get("config", {}), tag, world_size=dist.world_size,
+                                zero_stage=zero_stage)
     if dist.is_main:
         (run_dir / CKPT_SUBDIR).mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg, derived))

@@ -240,11 +240,10 @@ def setup_logging(rank: int, log_file: Path | None = None) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None and rank == 0:
         handlers.append(logging.FileHandler(log_file))
-    once = _Once()
     for h in handlers:
         h.setFormatter(fmt)
         if not verbose():
-            h.addFilter(once)
+            h.addFilter(_Once())  # one per handler: a shared one would pass a warning to the console only
         root.addHandler(h)
     root.setLevel(level)
     logging.captureWarnings(True)

@@ -6,7 +6,7 @@ Every consumer of trained weights goes through here: fine-tuning and the linear 
 and the run naming / pre-launch checks of classifier runs (:func:`classifier_arch`, :func:`pretrain_config_of`).
 
 Where the weights of a DeepSpeed tag live depends on its ZeRO stage, read from the ``ds_config`` that DeepSpeed
-stores in the tag's model-states file (one rule, :func:`zero_stage`):
+stores in the tag's model-states file (one rule, :func:`~fastmim_ds.checkpoint.zero_stage`):
 
 * stage 0 (the linear probe's engine): the module states file holds the full weights;
 * stages 1-3: the fp32 master weights are partitioned over ``*optim_states.pt`` shards and are consolidated with
@@ -19,25 +19,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import model_states_file, read_client_state, resolve_tag_dir
+from .checkpoint import model_states_file, read_client_state, resolve_tag_dir, zero_stage
 from .runtime import stdout_to_log
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["zero_stage", "load_module_state", "load_pretrained_encoder", "pretrain_config_of", "classifier_arch"]
-
-
-def zero_stage(tag_dir: Path) -> int:
-    """ZeRO stage (0-3) a DeepSpeed tag folder was written with (its stored ``ds_config``; 0 when absent).
-
-    Raises:
-        FileNotFoundError: ``tag_dir`` has no model-states file.
-    """
-    path = model_states_file(tag_dir)
-    if path is None:
-        raise FileNotFoundError(f"{tag_dir}: not a DeepSpeed checkpoint tag (no model states file)")
-    ds_config = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("ds_config") or {}
-    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+__all__ = ["load_module_state", "load_pretrained_encoder", "pretrain_config_of", "classifier_arch"]
 
 
 def _tag_state(tag_dir: Path) -> dict[str, torch.Tensor]:

@@ -220,3 +220,31 @@ def wandb_history(run_dir: Path) -> tuple[dict, dict[int, dict]]:
                 history.setdefault(rec.history.step.num, {}).update(
                     {k: v for k, v in items.items() if not k.startswith("_")})
     return run, history
+
+
+def loaded_state(overrides: list[str], ckpt_dir: Path, tag: str) -> tuple[dict, dict]:
+    """({name: {"fp32", "exp_avg", "exp_avg_sq"} full tensors}, client state) after loading a pre-training tag on this
+    process group (every rank calls it): the run's model, optimizer and engine built as ``pretrain.main`` does, the tag
+    loaded with :func:`fastmim_ds.checkpoint.load` (re-partitioned when the world size differs), each trained
+    parameter's full fp32 master weight and Adam moments gathered. ``tests/resume_probe.py`` runs it on N ranks."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    from fastmim_ds.checkpoint import load
+    from fastmim_ds.config import PretrainCfg, load_config, resolve
+    from fastmim_ds.ds_engine import build_ds_config, create_engine
+    from fastmim_ds.methods import create_mim_model
+    from fastmim_ds.optim import build_optimizer
+
+    world = torch.distributed.get_world_size()
+    cfg = load_config(PretrainCfg, None, overrides)
+    model = create_mim_model(cfg.method, cfg.model, cfg.data.img_size)
+    optimizer = build_optimizer(model, cfg.optim, resolve(cfg.optim, cfg.train, world))
+    engine = create_engine(model, optimizer, build_ds_config(cfg.train, clip_grad=cfg.optim.clip_grad,
+                                                             world_size=world))
+    client = load(engine, ckpt_dir, tag)
+    state = {}
+    for name, p in engine.module.named_parameters():
+        if p.requires_grad:
+            state[name] = {"fp32": safe_get_full_fp32_param(p).clone(),
+                           **{k: safe_get_full_optimizer_state(p, k).clone() for k in ("exp_avg", "exp_avg_sq")}}
+    return state, client

@@ -138,7 +138,7 @@ def test_stop_request_checkpoints_exact_position_and_resume_restores_it(tmp_path
     engine2, sched2 = _engine(2)
     torch.manual_seed(123)
     client = load(engine2, *find_resume(tmp_path, "auto"))
-    assert LoopState.from_client(client) == LoopState(epoch=0, update=4, global_step=4)
+    assert LoopState.from_client(client) == LoopState(epoch=0, update=4, global_step=4, samples=16)  # 4 x 4 images
     assert client["note"] == "x"
     assert all(torch.equal(a, b) for a, b in zip(weights, engine2.module.parameters()))
     assert torch.equal(torch.rand(3), rng_next)  # this rank's RNG continues where it stopped

@@ -53,13 +53,20 @@ class Loader(Protocol):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of the next epoch (see the class docstring)."""
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0, *, start_sample: int = 0) -> None:
         """Makes the next iteration yield batches ``start_batch``, ..., ``len(self) - 1`` of epoch ``epoch``,
         bit-identical to those batches of an uninterrupted epoch ``epoch`` (order and augmentation are functions of
         the seed, the epoch and the sample); the skipped batches are not decoded.
 
+        A training epoch is one permutation of the dataset, the same for every world size, dealt in global batches
+        (B x ranks images, each rank its slice). ``start_sample`` skips that many images of it, counted over all
+        ranks, and deals the rest: what a run resumed on another number of ranks reads. The loop passes it only when
+        the offset is not a whole number of global batches (else ``start_batch``); a loader of a fixed order may
+        refuse it.
+
         Raises:
-            ValueError: ``epoch`` < 0 or ``start_batch`` outside [0, len(self)].
+            ValueError: ``epoch`` < 0, ``start_batch`` outside [0, len(self)], ``start_sample`` outside [0, images],
+                or ``start_sample`` on a loader without a global training order.
         """
 
     def set_img_size(self, size: int) -> None:

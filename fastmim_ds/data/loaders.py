@@ -15,8 +15,11 @@ Both yield (B, 3, H, W) float32 channels-last images and (B,) int64 labels.
 
 Reproducible, resumable training batches. A training epoch is a pure function of (seed, epoch):
 
-* order: ffcv's ``OrderOption.RANDOM`` (``np.random.default_rng(seed + epoch).permutation`` on one rank; across ranks
-  ``DistributedSampler(seed=seed).set_epoch(epoch)``, the same permutation split over ranks);
+* order (:func:`epoch_order`): one permutation of the dataset per epoch, ``np.random.default_rng(seed +
+  epoch).permutation`` (ffcv's ``OrderOption.RANDOM`` on one rank), whatever the number of ranks. It is dealt in
+  global batches of ``batch_size x world_size`` images, each rank reading its contiguous slice of every global batch,
+  so the images of a step do not depend on how they are split over ranks, and a run resumed on another number of
+  ranks continues the same permutation at its global sample offset (``set_epoch(epoch, start_sample=n)``);
 * crops and flips: ffcv's ``RandomResizedCropRGBImageDecoder`` + ``RandomHorizontalFlip`` draw from numba's
   per-thread, unseeded ``np.random`` inside ``prange``, so they change from run to run. :class:`SeededRRCDecoder`
   replaces both: the same RandomResizedCrop algorithm (torchvision / ffcv ``get_random_crop``) and the flip take
@@ -34,6 +37,7 @@ cores.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from queue import Full
 
@@ -54,6 +58,7 @@ from ffcv.memory_managers.os_cache import OSCacheManager  # noqa: E402
 from ffcv.pipeline.compiler import Compiler  # noqa: E402
 from ffcv.reader import Reader  # noqa: E402
 from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage  # noqa: E402
+from ffcv.traversal_order.base import TraversalOrder  # noqa: E402
 
 from . import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
@@ -62,10 +67,14 @@ torch.set_num_threads(_torch_threads)
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "FFCVLoader", "SeededRRCDecoder", "random_resized_crop_params",
-    "build_train_loader", "build_val_loader", "dataset_size", "dataset_labels", "labeled_subset",
+    "IMAGENET_MEAN", "IMAGENET_STD", "FFCVLoader", "SeededRRCDecoder", "random_resized_crop_params", "epoch_order",
+    "GlobalOrder", "SAMPLE_TRACE_ENV", "build_train_loader", "build_val_loader", "dataset_size", "dataset_labels",
+    "labeled_subset",
 ]
 
+# debugging aid (and the resume tests' witness): a folder where every rank appends the sample indices of each training
+# batch it yields, one line "epoch index index ..." per batch, to samples_rank<r>.txt
+SAMPLE_TRACE_ENV = "FASTMIM_SAMPLE_TRACE"
 
 
 def _check_beton(path: str) -> Path:
@@ -261,6 +270,61 @@ class SeededRRCDecoder(ResizedCropRGBImageDecoder):
         return decode
 
 
+# ----------------------------------------------------------------------------- training order
+def epoch_order(indices: np.ndarray, *, seed: int, epoch: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                start_sample: int = 0) -> np.ndarray:
+    """The sample indices rank ``rank`` reads in epoch ``epoch`` of a training loader, in reading order.
+
+    The epoch is one permutation of ``indices``, ``np.random.default_rng(seed + epoch).permutation(indices)``, the
+    same for every world size. After its first ``start_sample`` images it is dealt in global batches of
+    ``G = batch_size * world_size`` images: global batch k is ``perm[start_sample + k G : start_sample + (k + 1) G]``
+    and rank r reads its slice ``[r * batch_size, (r + 1) * batch_size)``. The images left over after the last full
+    global batch are not read (drop_last over the global batch). So the ranks of a step together read the same images
+    whatever the world size, and a run resumed on another world size at ``start_sample`` = images consumed so far
+    reads the rest of the same permutation, each image once.
+
+    Args:
+        indices: (N,) sample indices of the beton to draw from (uint64; all of them, or a labelled subset).
+        seed, epoch: order seed and epoch, >= 0.
+        batch_size: images per rank per batch, >= 1.
+        rank, world_size: this rank, 0 <= rank < world_size.
+        start_sample: images of the permutation already consumed (all ranks), in [0, N].
+
+    Returns:
+        (n_batches * batch_size,) array of ``indices``' dtype, ``n_batches = (N - start_sample) // G``.
+
+    Raises:
+        ValueError: an argument out of range.
+    """
+    n = len(indices)
+    if batch_size < 1 or not 0 <= rank < world_size or seed < 0 or epoch < 0 or not 0 <= start_sample <= n:
+        raise ValueError(f"epoch_order: need batch_size >= 1, 0 <= rank < world_size, seed, epoch >= 0 and "
+                         f"0 <= start_sample <= {n}; got batch_size={batch_size}, rank={rank}, "
+                         f"world_size={world_size}, seed={seed}, epoch={epoch}, start_sample={start_sample}")
+    rest = np.random.default_rng(seed + epoch).permutation(indices)[start_sample:]
+    n_batches = len(rest) // (batch_size * world_size)
+    return rest[:n_batches * batch_size * world_size].reshape(n_batches, world_size, batch_size)[:, rank].reshape(-1)
+
+
+class GlobalOrder(TraversalOrder):
+    """ffcv traversal order of a training loader: :func:`epoch_order` for this loader's rank and world size.
+
+    Args:
+        loader: the ffcv loader (its ``indices``, ``seed`` and ``batch_size`` are used).
+        rank, world_size: this rank, 0 <= rank < world_size.
+    """
+
+    def __init__(self, loader, *, rank: int, world_size: int):
+        super().__init__(loader)
+        self.rank, self.world_size = rank, world_size
+
+    def sample_order(self, epoch: int, start_sample: int = 0) -> np.ndarray:
+        """This rank's sample indices of epoch ``epoch`` from global sample ``start_sample`` on (see
+        :func:`epoch_order`)."""
+        return epoch_order(self.indices, seed=self.seed, epoch=epoch, batch_size=self.loader.batch_size,
+                           rank=self.rank, world_size=self.world_size, start_sample=start_sample)
+
+
 # ----------------------------------------------------------------------------- loader
 class _EpochIterator(EpochIterator):
     """ffcv's ``EpochIterator`` (the epoch's pipeline thread) that hands an exception raised in the thread to the
@@ -294,18 +358,31 @@ class _EpochIterator(EpochIterator):
 
 
 class _ResumableLoader(Loader):
-    """ffcv ``Loader`` whose next epoch can start at batch ``start_batch``, whose seeded decoders are keyed by
-    (seed, epoch) before each epoch, and whose pipeline exceptions reach the consumer.
+    """ffcv ``Loader`` whose next epoch can start at batch ``start_batch`` (after ``start_sample`` images of a
+    :class:`GlobalOrder`), whose seeded decoders are keyed by (seed, epoch) before each epoch, and whose pipeline
+    exceptions reach the consumer.
 
     Args:
         *args, **kwargs: ffcv ``Loader`` arguments.
         seeded_decoders: decoders to key by (``self.seed``, epoch) at every ``iter``.
+        shard: (rank, world_size): traverse in :class:`GlobalOrder` (ffcv's ``order`` is then unused); None keeps
+            ffcv's order.
     """
 
-    def __init__(self, *args, seeded_decoders: tuple[SeededRRCDecoder, ...] = (), **kwargs):
+    def __init__(self, *args, seeded_decoders: tuple[SeededRRCDecoder, ...] = (),
+                 shard: tuple[int, int] | None = None, **kwargs):
         self.seeded_decoders = tuple(seeded_decoders)
-        self.start_batch = 0  # of the next epoch only
+        self.start_batch = self.start_sample = 0  # of the next epoch only
+        self.epoch_indices = np.zeros(0, np.uint64)  # sample indices of the current iteration, in order
         super().__init__(*args, **kwargs)
+        if shard is not None:
+            self.traversal_order = GlobalOrder(self, rank=shard[0], world_size=shard[1])
+            self.first_traversal_order = self.next_traversal_order()  # what len(self) counts
+
+    def next_traversal_order(self):
+        if isinstance(self.traversal_order, GlobalOrder):
+            return self.traversal_order.sample_order(self.next_epoch, start_sample=self.start_sample)
+        return super().next_traversal_order()
 
     def __iter__(self) -> _EpochIterator:
         # ffcv 1.0.2 Loader.__iter__, plus the seeding and the skip
@@ -315,11 +392,12 @@ class _ResumableLoader(Loader):
         for decoder in self.seeded_decoders:
             decoder.set_seed_epoch(self.seed, self.next_epoch)
         order = self.next_traversal_order()[: len(self) * self.batch_size]  # drop_last as ffcv does it
-        skip, self.start_batch = self.start_batch * self.batch_size, 0
+        skip, self.start_batch, self.start_sample = self.start_batch * self.batch_size, 0, 0
         self.next_epoch += 1
         if self.code is None or self.recompile:
             self.generate_code()
-        return _EpochIterator(self, order[skip:])
+        self.epoch_indices = order[skip:]
+        return _EpochIterator(self, self.epoch_indices)
 
 
 class FFCVLoader:
@@ -356,7 +434,7 @@ class FFCVLoader:
         """Changes the decoded resolution from the next epoch on (buffers are re-declared per ``iter``)."""
         self.decoder.output_size = (size, size)
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0, *, start_sample: int = 0) -> None:
         """Makes the next ``iter`` yield batches ``start_batch``, ..., ``len(self) - 1`` of epoch ``epoch``.
 
         The batches are bit-identical to those of an uninterrupted epoch ``epoch`` of a loader built with the same
@@ -364,26 +442,45 @@ class FFCVLoader:
         not read or decoded. Resuming after micro-batch step s (0-based) of an epoch means ``start_batch=s + 1``.
         Without a call, iterations run epochs 0, 1, 2, ... from their first batch.
 
+        ``start_sample`` (training loaders) first skips that many images of the epoch's permutation, counted over
+        all ranks, then deals the rest in global batches (:func:`epoch_order`): a run resumed on another number of
+        ranks continues where the old ranks stopped together. ``start_batch=k`` equals
+        ``start_sample=k * batch_size * world_size``.
+
         Args:
             epoch: epoch number, >= 0.
             start_batch: loader batches (micro-batches, not optimizer steps) to skip, in [0, len(self)].
+            start_sample: images of the epoch already consumed by all ranks, in [0, images in the loader].
 
         Raises:
-            ValueError: ``epoch`` < 0 or ``start_batch`` outside [0, len(self)].
+            ValueError: ``epoch`` < 0, ``start_batch`` or ``start_sample`` out of range, or ``start_sample`` on a loader
+                without a global training order.
         """
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0; got {epoch}")
         if not 0 <= start_batch <= len(self):
             raise ValueError(f"start_batch must be in [0, {len(self)}] (batches per epoch); got {start_batch}")
+        if start_sample and not isinstance(self.loader.traversal_order, GlobalOrder):
+            raise ValueError("start_sample needs a training loader (global order); this one reads a fixed order")
+        if not 0 <= start_sample <= len(self.loader.indices):
+            raise ValueError(f"start_sample must be in [0, {len(self.loader.indices)}] (images per epoch); "
+                             f"got {start_sample}")
         self.loader.next_epoch = epoch
         self.loader.start_batch = start_batch
+        self.loader.start_sample = start_sample
 
     def __iter__(self):
+        epoch = self.loader.next_epoch
         it = iter(self.loader)
+        trace = _sample_trace()
         try:
             for i, (imgs, labels) in enumerate(it):
                 if i == 0:  # the epoch's worker thread called Compiler.set_num_threads before its first batch
                     torch.set_num_threads(self.torch_threads)
+                if trace is not None:
+                    batch = self.loader.epoch_indices[i * self.loader.batch_size:(i + 1) * self.loader.batch_size]
+                    with open(trace, "a") as f:
+                        f.write(" ".join(map(str, (epoch, *batch.tolist()))) + "\n")
                 if self._normalize_on_device:
                     imgs = (imgs.float() - self._mean) / self._std
                 # FFCV reuses its output buffers (batches_ahead + 2 slots) once we move on: callers that keep a
@@ -392,6 +489,16 @@ class FFCVLoader:
         finally:
             it.close()
             torch.set_num_threads(self.torch_threads)
+
+
+def _sample_trace() -> Path | None:
+    """This rank's trace file when ``FASTMIM_SAMPLE_TRACE`` names a folder (see :data:`SAMPLE_TRACE_ENV`)."""
+    folder = os.environ.get(SAMPLE_TRACE_ENV)
+    if not folder:
+        return None
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return Path(folder) / f"samples_rank{rank}.txt"
 
 
 def _fix_ffcv_os_cache_reader() -> None:
@@ -481,13 +588,13 @@ def build_train_loader(
     batches_ahead: int = 3, torch_threads: int | None = None, indices: np.ndarray | None = None,
 ) -> FFCVLoader:
     """Shuffled, ``drop_last`` training loader with seeded RandomResizedCrop + flip; with ``distributed`` each rank
-    reads its own shard.
+    reads its slice of every global batch.
 
-    Every epoch is a function of (seed, epoch) alone: the order is ``np.random.default_rng(seed + epoch)`` on one
-    rank, a ``DistributedSampler(seed).set_epoch(epoch)`` across ranks (torch.distributed must be initialised
-    first; every rank must pass the same seed and world size), and crops/flips come from (seed, epoch, sample index)
-    via :class:`SeededRRCDecoder`. ``set_epoch(epoch, start_batch=k)`` resumes inside an epoch. (The sampler pads
-    the last ranks with repeated images, like ``DistributedSampler``: a repeated image gets the same crop and flip.)
+    Every epoch is a function of (seed, epoch) alone: the order is one permutation ``np.random.default_rng(seed +
+    epoch)`` dealt in global batches of ``batch_size x world_size`` (:func:`epoch_order`; torch.distributed must be
+    initialised first and every rank must pass the same seed), and crops/flips come from (seed, epoch, sample
+    index) via :class:`SeededRRCDecoder`. ``set_epoch(epoch, start_batch=k)`` resumes inside an epoch,
+    ``set_epoch(epoch, start_sample=n)`` after n images on another number of ranks.
 
     Args:
         path: the ``train.beton``.
@@ -498,7 +605,7 @@ def build_train_loader(
         hflip: mirror half the images (probability 0.5) or none.
         num_workers: FFCV decode threads (<= the machine's cores).
         seed: order and augmentation seed, >= 0.
-        distributed: shard over torch.distributed ranks.
+        distributed: shard over torch.distributed ranks (its rank and world size).
         device: where batches land.
         os_cache: read through the OS page cache (shared by the ranks) rather than a per-process cache.
         batches_ahead: batches decoded ahead of the consumer.
@@ -507,19 +614,21 @@ def build_train_loader(
 
     Raises:
         FileNotFoundError: ``path`` missing.
-        ValueError: fewer images per rank than one batch; ``scale``/``ratio`` out of range.
+        ValueError: fewer images than one global batch; ``scale``/``ratio`` out of range.
     """
     _fix_ffcv_os_cache_reader()
     threads = torch_threads or torch.get_num_threads()
     decoder = SeededRRCDecoder((img_size, img_size), scale=scale, ratio=ratio, flip_prob=0.5 if hflip else 0.0)
+    shard = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     loader = _ResumableLoader(
         str(_check_beton(path)), batch_size=batch_size, num_workers=num_workers, order=OrderOption.RANDOM,
-        distributed=distributed, seed=seed, drop_last=True, os_cache=os_cache, batches_ahead=batches_ahead,
-        pipelines=_pipelines(decoder, device=device), seeded_decoders=(decoder,),
+        seed=seed, drop_last=True, os_cache=os_cache, batches_ahead=batches_ahead,
+        pipelines=_pipelines(decoder, device=device), seeded_decoders=(decoder,), shard=shard,
         indices=None if indices is None else np.asarray(indices, dtype=np.uint64),
     )
     if len(loader) == 0:
-        raise ValueError(f"{path}: fewer images per rank than one batch of {batch_size} (lower train.micro_batch)")
+        raise ValueError(f"{path}: fewer images than one global batch of {batch_size} x {shard[1]} ranks "
+                         "(lower train.micro_batch)")
     return FFCVLoader(loader, decoder, device=device, torch_threads=threads)
 
 

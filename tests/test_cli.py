@@ -33,16 +33,22 @@ def _check(*args: str) -> subprocess.CompletedProcess:
      "config error: model.encoder_kwargs: VisionTransformer (vit_tiny_patch16_224) takes no argument 'patch_sise' "
      "(did you mean 'patch_size'?)"),
 ])
-def test_bad_config_is_one_line_and_exit_2(override, message):
-    proc = _check("--config", "configs/demo_pretrain.yaml", "--set", override)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
+def test_bad_config_is_one_line_and_exit_2(override, message, capsys, monkeypatch):
+    """``fastmim_ds.cli.main`` in this process (what ``python -m fastmim_ds`` exits with; one process for every
+    case: the import costs seconds); the subprocess test below checks the exit status of the real command."""
+    from fastmim_ds import cli
+
+    monkeypatch.chdir(REPO)
+    assert cli.main(["check", "pretrain", "--config", "configs/demo_pretrain.yaml", "--set", override]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), err
 
 
 def test_missing_beton_is_reported(tmp_path):
     proc = _check("--config", "configs/demo_pretrain.yaml", "--set", f"data.train={tmp_path}/none.beton")
     assert proc.returncode == 2 and "data.train:" in proc.stderr and "make prepare-data" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_batch_arithmetic_for_hostfile(small_beton, tmp_path):

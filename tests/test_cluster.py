@@ -170,7 +170,7 @@ def test_two_nodes_of_one_rank_pretrain_checkpoint_and_resume(small_beton, tmp_p
     assert "world_size: 2" in (run / "config.yaml").read_text()
     assert [r["step"] for r in _rows(run) if "step" in r] == [1, 2, 3, 4]
     marker = json.loads((run / "ckpt" / "step00000004" / "complete").read_text())
-    assert marker == {"epoch": 2, "update": 0, "global_step": 4, "world_size": 2}
+    assert marker == {"epoch": 2, "update": 0, "global_step": 4, "samples": 0, "world_size": 2}
 
     outs = _launch_two_nodes(["pretrain", *_sets(base + ["train.epochs=3"]), "--resume", "auto"], hostfile,
                              _free_port(), tmp_path)

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "save", "find_resume", "load", "complete_tags", "read_client_state", "resolve_tag_dir",
-    "model_states_file", "written_world_size", "zero_stage", "convert_to_universal",
+    "model_states_file", "written_world_size", "zero_stage", "repartition_refusal", "convert_to_universal",
     "universal_dir", "universal_command", "rng_seed_for", "CKPT_SUBDIR", "COMPLETE", "UNIVERSAL_SUFFIX",
 ]
 
@@ -193,12 +193,10 @@ def load(engine, ckpt_dir: Path, tag: str) -> dict:
     tag_dir = Path(ckpt_dir) / tag
     world = dist.get_world_size() if dist.is_initialized() else 1
     written = written_world_size(tag_dir) or world
-    sharded, stage = zero_stage(tag_dir) > 0, engine.zero_optimization_stage()
-    if written != world and sharded != (stage > 0):
-        raise ValueError(f"{tag_dir} was written by {written} ranks with ZeRO stage {'1-3' if sharded else 0}, this "
-                         f"run has {world} ranks with stage {stage}: resume with the checkpoint's stage, or on "
-                         f"{written} ranks")
-    if written == world or not sharded:  # ZeRO-0 keeps the whole optimizer state in the model-states file
+    problem = repartition_refusal(tag_dir, world, engine.zero_optimization_stage())
+    if problem:
+        raise ValueError(f"{problem}: resume with the checkpoint's ZeRO stage (0 or 1-3), or on {written} ranks")
+    if written == world or zero_stage(tag_dir) == 0:  # ZeRO-0 keeps the whole optimizer state in the model-states file
         path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     else:
         universal = convert_to_universal(tag_dir)
@@ -243,6 +241,24 @@ def zero_stage(tag_dir: Path) -> int:
         raise FileNotFoundError(f"{tag_dir}: not a DeepSpeed checkpoint tag (no model states file)")
     ds_config = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("ds_config") or {}
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def repartition_refusal(tag_dir: Path, world_size: int, stage: int) -> str | None:
+    """Why the tag cannot be loaded on ``world_size`` ranks by an engine of ZeRO stage ``stage``, or None.
+
+    Only another world size where one side is ZeRO-0 (whole optimizer state in the model-states file) and the other
+    partitions (stage 1-3) cannot meet; the same world size loads as DeepSpeed wrote it, and other pairs re-partition
+    through a universal checkpoint (:func:`load`). The text reads ``<tag> was written by N ranks with ZeRO stage
+    S, this run has M ranks and stage T``.
+    """
+    written = written_world_size(tag_dir)
+    if written is None or written == world_size:
+        return None
+    saved = zero_stage(tag_dir)
+    if (saved > 0) == (stage > 0):
+        return None
+    return (f"{tag_dir} was written by {written} ranks with ZeRO stage {saved}, this run has {world_size} ranks and "
+            f"stage {stage}")
 
 
 def rng_seed_for(seed: int, global_step: int, rank: int) -> int:

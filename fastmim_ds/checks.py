@@ -242,19 +242,15 @@ def check_resume_compatible(cfg, saved: dict, tag_dir: Path, *, world_size: int 
         ConfigError: names the first differing key, both values and the fix; or the two world sizes, the ZeRO
             stages and what to do.
     """
-    from .checkpoint import written_world_size
-    from .checkpoint import zero_stage as tag_zero_stage
+    from .checkpoint import repartition_refusal, written_world_size
 
-    written = written_world_size(tag_dir)
-    if world_size is not None and written is not None and written != world_size:
+    if world_size is not None:
         if zero_stage is None:
             zero_stage = load_ds_config(cfg.train.ds_config).get("zero_optimization", {}).get("stage", 0)
-        saved_stage = tag_zero_stage(tag_dir)
-        if (saved_stage > 0) != (zero_stage > 0):
-            raise ConfigError(f"train.ds_config: {tag_dir} was written by {written} ranks with ZeRO stage "
-                              f"{saved_stage}, this run has {world_size} ranks and "
-                              f"stage {zero_stage} ({cfg.train.ds_config}): resume with the checkpoint's ZeRO stage "
-                              f"(0 or 1-3), or on {written} ranks")
+        problem = repartition_refusal(tag_dir, world_size, zero_stage)
+        if problem:
+            raise ConfigError(f"train.ds_config: {problem} ({cfg.train.ds_config}): resume with the checkpoint's ZeRO "
+                              f"stage (0 or 1-3), or on {written_world_size(tag_dir)} ranks")
     now = to_dict(cfg)
     if isinstance(cfg, PretrainCfg):
         saved = upgrade_pretrain_layout(saved)[0]  # a checkpoint written before the method: section

@@ -153,7 +153,7 @@ def worker(args: argparse.Namespace) -> None:
     from fastmim_ds.config import MIMModelCfg
     from fastmim_ds.methods import create_mim_model
     from fastmim_ds.methods.fastmim import FastMIMCfg
-    from fastmim_ds.runtime import init_distributed
+    from fastmim_ds.runtime import close_distributed, init_distributed
 
     dist = init_distributed()
     gc.collect()
@@ -194,6 +194,7 @@ def worker(args: argparse.Namespace) -> None:
            "dtype": args.dtype,
            "trainable_params": n_params, "optimizer_class": type(engine.optimizer).__name__, **found}
     (Path(args.out) / f"rank{dist.rank}.json").write_text(json.dumps(out))
+    close_distributed()
 
 
 def _free_port(candidates) -> int:

@@ -241,6 +241,22 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args) -> None:
+    """Runs ``pretrain`` / ``finetune`` / ``linprobe`` on this rank, then closes the process group (only after
+    the run ended normally on this rank; see :func:`runtime.close_distributed`)."""
+    import importlib
+
+    from .runtime import close_distributed
+
+    if args.command == "pretrain":
+        cfg = load_config(PretrainCfg, args.config, args.set)
+    else:
+        cfg = load_config(LinprobeCfg if args.command == "linprobe" else FinetuneCfg, args.config,
+                          _finetune_overrides(args))
+    importlib.import_module(f".{args.command}", __package__).main(cfg, resume=args.resume)
+    close_distributed()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -263,20 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"config ok: world size {derived.world_size}, effective batch {derived.eff_batch}, "
                   f"lr {derived.lr:.4g}")
             return 0
-        if args.command == "pretrain":
-            from . import pretrain
-
-            pretrain.main(load_config(PretrainCfg, args.config, args.set), resume=args.resume)
-            return 0
-        if args.command == "finetune":
-            from . import finetune
-
-            finetune.main(load_config(FinetuneCfg, args.config, _finetune_overrides(args)), resume=args.resume)
-            return 0
-        if args.command == "linprobe":
-            from . import linprobe
-
-            linprobe.main(load_config(LinprobeCfg, args.config, _finetune_overrides(args)), resume=args.resume)
+        if args.command in ("pretrain", "finetune", "linprobe"):
+            _train(args)
             return 0
         if args.command in ("export", "visualize", "predict", "knn"):
             try:

@@ -185,6 +185,18 @@ def init_distributed() -> Dist:
     return Dist(torch.distributed.get_rank(), local_rank, world, local_world, device)
 
 
+def close_distributed() -> None:
+    """Destroys the default process group; call it once every rank has finished its work normally.
+
+    Without it gloo's worker threads outlive the interpreter and a rank can abort on its way out, after the run
+    is complete ("terminate called without an active exception", SIGABRT; pytorch/pytorch#190489), which a
+    launcher reports as a failed job. Not called after an error: a rank still inside a collective would keep
+    the others waiting (the pattern torchtitan follows). A no-op when no group was started.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def shm_buffer_path(rank: int | None = None) -> Path:
     """``/dev/shm`` file of DeepSpeed's CPU shared-memory all-reduce buffer of ``rank`` (default: this process's
     global rank) for this run's MASTER_ADDR / MASTER_PORT (``shm.cpp``: ``deepspeed_allreduce_buffer_<uid>_<addr>_

@@ -19,7 +19,7 @@ from conftest import loaded_state
 
 
 def main(argv: list[str]) -> None:
-    from fastmim_ds.runtime import init_distributed
+    from fastmim_ds.runtime import close_distributed, init_distributed
 
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
@@ -32,6 +32,7 @@ def main(argv: list[str]) -> None:
     if dist.is_main:
         torch.save({"state": state, "samples": client.get("samples"), "global_step": client.get("global_step")},
                    args.out)
+    close_distributed()
 
 
 if __name__ == "__main__":

@@ -118,3 +118,29 @@ def test_each_warning_is_printed_once_per_rank(capfd):
         logging.captureWarnings(False)
         root.handlers[:], root.level = saved
     assert err.count("FutureWarning:") == 1 and err.count("same words") == 1, err
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "linprobe"])
+def test_process_group_closed_only_after_a_normal_end(command, monkeypatch):
+    """A run that ends normally destroys its process group before the interpreter exits (without it, gloo's
+    threads aborted ranks on the way out: a finished two-node run reported exit -6); a run that fails does not
+    (a rank still inside a collective would hang the others)."""
+    import importlib
+
+    from fastmim_ds import cli, runtime
+
+    monkeypatch.chdir(REPO)
+    module = importlib.import_module(f"fastmim_ds.{command}")
+    closed, seen = [], []
+    monkeypatch.setattr(runtime, "close_distributed", lambda: closed.append(command))
+    monkeypatch.setattr(module, "main", lambda cfg, resume=None: seen.append(type(cfg).__name__))
+    argv = {"pretrain": ["pretrain", "--config", "configs/demo_pretrain.yaml"],
+            "finetune": ["finetune", "--config", "configs/demo_finetune.yaml"],
+            "linprobe": ["linprobe", "--config", "configs/linprobe_imagenette.yaml"]}[command]
+    assert cli.main(argv) == 0 and closed == [command] and len(seen) == 1
+
+    def fail(cfg, resume=None):
+        raise FloatingPointError("loss is nan at step 3")
+
+    monkeypatch.setattr(module, "main", fail)
+    assert cli.main(argv) == 3 and closed == [command]

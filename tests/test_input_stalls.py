@@ -76,7 +76,8 @@ def test_loader_wait_measured_in_stats_and_metrics(tmp_path):
     assert stats["data_wait_frac"] == pytest.approx(stats["data_wait_s"] / stats["seconds"], rel=1e-6)
     assert 0.3 < stats["data_wait_frac"] <= 1.0
     steps = [r for r in rows if "step" in r]
-    assert len(steps) == 3 and all(0.3 < r["data_wait_frac"] <= 1.0 for r in steps)
+    # per log window (2 steps) the share is noisier than the epoch's: the first window also pays DeepSpeed's first step
+    assert len(steps) == 3 and all(0.1 < r["data_wait_frac"] <= 1.0 for r in steps)
     epoch_rows = [r for r in rows if "epoch_end" in r]
     assert epoch_rows and epoch_rows[0]["data_wait_s"] == pytest.approx(stats["data_wait_s"])
     assert epoch_rows[0]["data_wait_frac"] == pytest.approx(stats["data_wait_frac"])
